@@ -1,0 +1,75 @@
+"""Small building blocks whose parameters carry logical axis names.
+
+Every parameter is declared with the logical axes of its dimensions (`sharding_names`);
+`sea_jax.sharding` maps those names onto a device mesh with one table.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
+          dtype=jnp.float32) -> nnx.Param:
+  """A parameter of `shape` with one logical axis name per dimension (None = replicated)."""
+  if len(axes) != len(shape):
+    raise ValueError(f"parameter of shape {tuple(shape)} got {len(axes)} axis names {tuple(axes)}")
+  value = init(rngs.params(), tuple(shape), dtype)
+  return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+
+
+def zeros_init(key, shape, dtype):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+def ones_init(key, shape, dtype):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def normal_init(stddev: float) -> Initializer:
+  return jax.nn.initializers.normal(stddev)
+
+
+class Linear(nnx.Module):
+  """y = x @ W + b with W (in, out) named by `axes`; computes in `dtype`."""
+
+  def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
+               use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+               init_std: float = 0.02, rngs: nnx.Rngs):
+    self.kernel = param(rngs, normal_init(init_std), (in_features, out_features), axes, param_dtype)
+    self.bias = param(rngs, zeros_init, (out_features,), (axes[1],), param_dtype) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, self.kernel.value.astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias.value.astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis with eps 1e-5 (PyTorch's and OPT's), statistics in fp32."""
+
+  def __init__(self, features: int, *, axis_name: str | None = "norm", eps: float = 1e-5,
+               affine: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.scale = param(rngs, ones_init, (features,), (axis_name,), param_dtype) if affine else None
+    self.bias = param(rngs, zeros_init, (features,), (axis_name,), param_dtype) if affine else None
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    if self.scale is not None:
+      y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+    return y.astype(self.dtype)
