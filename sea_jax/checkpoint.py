@@ -136,13 +136,7 @@ def load_model(folder: str, mesh: Mesh | None = None, **overrides) -> OPTForCaus
 
   `overrides` replace config fields (e.g. attention="sea", dtype="bfloat16").
   """
-  import dataclasses
-  config = load_config(folder)
-  sea_over = overrides.pop("sea", None)
-  config = dataclasses.replace(config, **overrides)
-  if sea_over is not None:
-    config = dataclasses.replace(config, sea=sea_over)
-  config.validate()
+  config = _apply_overrides(load_config(folder), overrides)
   graphdef, abstract = abstract_model(config)
   restored, missing = restore_params(folder, abstract, mesh)
   return assemble(config, graphdef, abstract, restored, missing, mesh)
@@ -162,6 +156,38 @@ def assemble(config: OPTConfig, graphdef, abstract, restored: dict, missing: lis
       flat[p] = fresh[p]
   state = abstract
   nnx.replace_by_pure_dict(state, unflatten(flat))
-  model = nnx.merge(graphdef, state)
-  # cast to the configured storage dtype (the checkpoint may hold another)
-  return model
+  return nnx.merge(graphdef, state)
+
+
+def _apply_overrides(config: OPTConfig, overrides: dict) -> OPTConfig:
+  """Replaces config fields; keys "sea_<field>" replace fields of the SEA settings."""
+  import dataclasses
+  sea = {k[len("sea_"):]: v for k, v in overrides.items() if k.startswith("sea_")}
+  top = {k: v for k, v in overrides.items() if not k.startswith("sea_")}
+  config = dataclasses.replace(config, **top)
+  if sea:
+    config = dataclasses.replace(config, sea=dataclasses.replace(config.sea, **sea))
+  config.validate()
+  return config
+
+
+def load_pretrained(path: str, mesh: Mesh | None = None, **overrides) -> OPTForCausalLM:
+  """A sea-jax model folder, a Hugging Face OPT folder (converted on the fly, tensor by tensor
+  straight into its sharding) or a hub id -> OPTForCausalLM on `mesh`."""
+  if is_model_folder(path):
+    return load_model(path, mesh, **overrides)
+  from sea_jax import convert
+  folder = convert.resolve_source(path)
+  config = _apply_overrides(convert.read_hf_config(folder), overrides)
+  graphdef, abstract = abstract_model(config)
+  shardings = flatten(nnx.to_pure_dict(shd.state_shardings(abstract, mesh))) if mesh is not None else None
+  dtypes = {p: v.dtype for p, v in flatten(nnx.to_pure_dict(abstract)).items()}
+
+  def put(p, array):
+    value = jnp.asarray(array, dtypes[p])
+    return jax.device_put(value, shardings[p]) if shardings is not None else value
+
+  flat = convert.hf_params(folder, config, put)
+  wanted = flatten(nnx.to_pure_dict(abstract))
+  missing = [p for p in wanted if p not in flat]
+  return assemble(config, graphdef, abstract, unflatten(flat), missing, mesh)

@@ -49,9 +49,9 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    y = jnp.dot(x, self.kernel.value.astype(self.dtype))
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
     if self.bias is not None:
-      y = y + self.bias.value.astype(self.dtype)
+      y = y + self.bias[...].astype(self.dtype)
     return y
 
 
@@ -71,5 +71,5 @@ class LayerNorm(nnx.Module):
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
     if self.scale is not None:
-      y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+      y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)

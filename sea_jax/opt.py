@@ -151,10 +151,10 @@ class OPTForCausalLM(nnx.Module):
       m = attention_mask.astype(jnp.int32)
       positions = jnp.cumsum(m, axis=1) * m - 1  # Hugging Face's rule; pads get -1
     with jax.named_scope("embed"):
-      x = jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(dt)
+      x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dt)
       if self.project_in is not None:
         x = self.project_in(x)
-      h = x + jnp.take(self.embed_positions.value, positions + POSITION_OFFSET, axis=0).astype(dt)
+      h = x + jnp.take(self.embed_positions[...], positions + POSITION_OFFSET, axis=0).astype(dt)
 
     layer_keys = (jax.random.split(dropout_rng, len(self.layers)) if dropout_rng is not None
                   else [None] * len(self.layers))
@@ -179,7 +179,7 @@ class OPTForCausalLM(nnx.Module):
         h = self.project_out(h)
       if output_hidden_states:
         hidden.append(h)
-      logits = jnp.einsum("nte,ve->ntv", h, self.embed_tokens.value.astype(dt),
+      logits = jnp.einsum("nte,ve->ntv", h, self.embed_tokens[...].astype(dt),
                           preferred_element_type=jnp.float32)
     return OPTOutput(logits=logits,
                      hidden_states=tuple(hidden) if output_hidden_states else None,

@@ -1,0 +1,58 @@
+"""WikiText-2 perplexity from one command: dense, SEA or Performer attention, any k.
+
+  python eval.py --model PATH [--protocol sea|gptq] [--attention dense|sea|performer]
+                 [--sea-k 64 | --sea-k 16,32,64,128] [--seq-len 2048] [--batch-size B]
+                 [--dtype float32|bfloat16] [--mesh data=8]
+
+Without --model it evaluates the bundled teacher and SEA student (offline). Progress goes to
+stderr; each evaluation prints one JSON line on stdout (the student's last).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      description="WikiText-2 perplexity of an OPT / SEA model. The last stdout line is JSON.")
+  p.add_argument("--model", action="append",
+                 help="sea-jax model folder, Hugging Face OPT folder, or hub id (repeatable). "
+                      "Default: the bundled teacher and SEA student.")
+  p.add_argument("--protocol", default="sea", choices=("sea", "gptq"),
+                 help="sea: validation split, no BOS (the SEA paper); gptq: test split, one "
+                      "leading </s> (GPTQ/SparseGPT numbers). Default: sea")
+  p.add_argument("--attention", choices=("dense", "sea", "performer"),
+                 help="override the model's attention (a dense checkpoint gets fresh SEA "
+                      "modules: expect a worse perplexity before distillation)")
+  p.add_argument("--sea-k", help="SEA keys per query per head; a comma list sweeps k "
+                                 "(one JSON line each). Default: the model's k")
+  p.add_argument("--sea-K", type=int, help="SEA compressed width K for --attention sea on a "
+                                           "dense checkpoint (default 256)")
+  p.add_argument("--sparse-impl", choices=("auto", "xla", "pallas"),
+                 help="SEA sparse attention implementation (default: pallas on GPU/TPU, xla on CPU)")
+  p.add_argument("--seq-len", type=int,
+                 help="window length (default: the model's max positions, at most 2048)")
+  p.add_argument("--batch-size", type=int, help="windows per step (default: data x fsdp size)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="compute dtype (default: float32)")
+  p.add_argument("--mesh", help="device mesh, e.g. data=8 or data=2,fsdp=2,tensor=2 "
+                                "(default: all devices on data)")
+  p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
+  p.add_argument("--data-source", choices=("auto", "hf", "bundled"), default="auto",
+                 help="WikiText-2 from `datasets` (hf), the bundled raw files, or auto")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  from sea_jax.evaluate import run_eval
+  return run_eval(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,205 @@
+"""WikiText-2 perplexity of an OPT model (dense, SEA or Performer), jitted and sharded.
+
+ppl = exp(mean over windows of the window's mean next-token cross-entropy), over non-overlapping
+windows from token 0 with the last partial window dropped (SEA_SPEC §4).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import resource
+import sys
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from sea_jax import sharding as shd
+from sea_jax.opt import OPTForCausalLM
+
+
+def window_losses(model: OPTForCausalLM, windows: jax.Array, sea_k: int | None) -> jax.Array:
+  """windows (B, T) int -> (B,) mean next-token cross-entropy of each window (fp32)."""
+  logits = model(windows, sea_k=sea_k).logits[:, :-1].astype(jnp.float32)
+  targets = windows[:, 1:]
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.mean(logz - picked, axis=-1)
+
+
+@dataclasses.dataclass
+class EvalResult:
+  perplexity: float
+  mean_nll: float
+  windows: int
+  seconds: float
+
+
+def peak_device_memory() -> int | None:
+  """Peak bytes in use on the local devices where the backend reports it (GPU/TPU), else None."""
+  peaks = []
+  for device in jax.local_devices():
+    try:
+      stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - CPU backends may raise or return None
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(int(stats["peak_bytes_in_use"]))
+  return max(peaks) if peaks else None
+
+
+def host_peak_rss() -> int:
+  """Peak resident memory of this process in bytes."""
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def perplexity(model: OPTForCausalLM, windows: np.ndarray, *, batch_size: int, mesh: Mesh,
+               sea_k: int | None = None, progress: bool = True, desc: str = "eval") -> EvalResult:
+  """Perplexity over `windows` (W, T); batches are split over the mesh's data x fsdp axes."""
+  from tqdm import tqdm
+  num_windows = windows.shape[0]
+  per_step = math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
+  if batch_size % per_step:
+    raise ValueError(f"--batch-size {batch_size} must be a multiple of the data x fsdp mesh "
+                     f"size {per_step}")
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step(state, batch):
+    return window_losses(nnx.merge(graphdef, state), batch, sea_k)
+
+  batch_sharding = shd.batch_sharding(mesh)
+  losses = []
+  start = time.perf_counter()
+  bar = tqdm(total=num_windows, desc=desc, unit="win", file=sys.stderr, disable=not progress)
+  for first in range(0, num_windows, batch_size):
+    batch = windows[first:first + batch_size]
+    real = batch.shape[0]
+    if real < batch_size:  # pad the last batch by repeating windows; their losses are dropped
+      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
+    global_batch = jax.make_array_from_callback(
+        batch.shape, batch_sharding, lambda index: batch[index])
+    window_loss = np.asarray(jax.device_get(step(state, global_batch)))[:real]
+    losses.append(window_loss)
+    bar.update(real)
+    bar.set_postfix(ppl=f"{math.exp(float(np.concatenate(losses).mean())):.3f}")
+  bar.close()
+  seconds = time.perf_counter() - start
+  mean_nll = float(np.concatenate(losses).astype(np.float64).mean())
+  return EvalResult(perplexity=math.exp(mean_nll), mean_nll=mean_nll, windows=num_windows,
+                    seconds=seconds)
+
+
+def parse_k_list(text: str | None) -> list[int | None]:
+  """"16,32,64" -> [16, 32, 64]; None -> [None] (the model's own k). Each k must be >= 1."""
+  if text is None:
+    return [None]
+  values = []
+  for part in text.split(","):
+    try:
+      value = int(part)
+    except ValueError:
+      raise ValueError(f"--sea-k expects integers like 16,32,64; got {text!r}") from None
+    if value < 1:
+      raise ValueError(f"--sea-k must be >= 1, got {value}")
+    values.append(value)
+  return values
+
+
+def summary(result: EvalResult, **fields) -> dict:
+  """The JSON line's content."""
+  evaluated = fields.get("windows", result.windows) * fields["seq_len"]
+  return {
+      "perplexity": result.perplexity,
+      "mean_nll": result.mean_nll,
+      **fields,
+      "evaluated_tokens": evaluated,
+      "seconds": round(result.seconds, 3),
+      "tokens_per_s": evaluated / result.seconds if result.seconds > 0 else None,
+      "peak_memory_bytes": peak_device_memory(),
+      "host_peak_rss_bytes": host_peak_rss(),
+  }
+
+
+def window_slice(windows: np.ndarray, max_windows: int | None) -> np.ndarray:
+  if max_windows is None:
+    return windows
+  if max_windows < 1:
+    raise ValueError(f"--max-windows must be >= 1, got {max_windows}")
+  return windows[:max_windows]
+
+
+__all__: Sequence[str] = ("perplexity", "window_losses", "parse_k_list", "summary", "EvalResult")
+
+
+def _overrides(args) -> dict:
+  over = {}
+  if args.dtype:
+    over["dtype"] = args.dtype
+  if args.attention:
+    over["attention"] = args.attention
+  if args.sea_K is not None:
+    over["sea_K"] = args.sea_K
+  if args.sparse_impl:
+    over["sea_sparse_impl"] = args.sparse_impl
+  return over
+
+
+def run_eval(args) -> int:
+  """eval.py's body: evaluates each model (and each k) and prints one JSON line per run."""
+  import json
+  from sea_jax import bundle, checkpoint, data
+  from sea_jax.checkpoint import CheckpointError
+  from sea_jax.config import ConfigError
+  from sea_jax.convert import ConvertError
+  user_errors = (ConfigError, CheckpointError, ConvertError, shd.MeshError, ValueError,
+                 FileNotFoundError, data.DataUnavailableError)
+  try:
+    ks = parse_k_list(args.sea_k)
+    paths = args.model or bundle.bundled_model_paths()
+    mesh = shd.make_mesh(args.mesh)
+    token_cache: dict[str, np.ndarray] = {}
+    for path in paths:
+      model = checkpoint.load_pretrained(path, mesh, **_overrides(args))
+      cfg = model.config
+      seq_len = args.seq_len or min(cfg.max_position_embeddings, 2048)
+      if seq_len > cfg.max_position_embeddings:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+                          f"{cfg.max_position_embeddings}")
+      if seq_len < 2:
+        raise ConfigError(f"--seq-len must be at least 2, got {seq_len}")
+      tokenizer = data.load_tokenizer(path if os.path.isdir(path) else None)
+      key = f"{data.tokenizer_fingerprint(tokenizer)}:{args.protocol}:{args.data_source}"
+      if key not in token_cache:
+        token_cache[key] = data.protocol_tokens(tokenizer, args.protocol, source=args.data_source)
+      tokens = token_cache[key]
+      if int(tokens.max()) >= cfg.vocab_size:
+        raise ConfigError(f"the tokenizer produces ids up to {int(tokens.max())} but the model's "
+                          f"vocab_size is {cfg.vocab_size}: tokenizer and model do not match")
+      windows = window_slice(data.eval_windows(tokens, seq_len), args.max_windows)
+      per_step = math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
+      batch_size = args.batch_size or per_step
+      for k in ks:
+        if cfg.attention != "sea" and k is not None and len(ks) > 1:
+          print(f"note: --sea-k has no effect on {cfg.attention} attention", file=sys.stderr)
+        result = perplexity(model, windows, batch_size=batch_size, mesh=mesh, sea_k=k,
+                            progress=not args.no_progress,
+                            desc=f"{os.path.basename(os.path.normpath(path))} {cfg.attention}")
+        sea_k = (k if k is not None else cfg.sea.k) if cfg.attention == "sea" else None
+        line = summary(result, model=path, protocol=args.protocol,
+                       split=data.PROTOCOLS[args.protocol].split, seq_len=seq_len,
+                       tokens=int(tokens.size), windows=int(windows.shape[0]),
+                       attention=cfg.attention, sea_k=sea_k,
+                       sea_K=cfg.sea.K if cfg.attention == "sea" else None,
+                       dtype=cfg.dtype, batch_size=batch_size, devices=len(mesh.devices.flat),
+                       backend=jax.default_backend())
+        print(json.dumps(line), flush=True)
+  except user_errors as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
