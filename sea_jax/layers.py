@@ -1,6 +1,6 @@
 """Small building blocks whose parameters carry logical axis names.
 
-Every parameter is declared with the logical axes of its dimensions (`sharding_names`);
+Every parameter is declared with the logical axes of its dimensions (`out_sharding` metadata);
 `sea_jax.sharding` maps those names onto a device mesh with one table.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequenc
   if len(axes) != len(shape):
     raise ValueError(f"parameter of shape {tuple(shape)} got {len(axes)} axis names {tuple(axes)}")
   value = init(rngs.params(), tuple(shape), dtype)
-  return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def zeros_init(key, shape, dtype):
