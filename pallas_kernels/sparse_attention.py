@@ -1,0 +1,199 @@
+"""Public SEA sparse attention op: shape checks, block sizes, backend dispatch, custom_vjp.
+
+  sparse_attention(q, k, v, compressed_mask, *, backend=None, interpret=False,
+                   block_sizes=None) -> (N, H, T, d)
+
+q, k, v: (N, H, T, d) fp32 or bf16, q already scaled by d**-0.5. compressed_mask: bool
+(N, H, T, K). Dense mask: M[n,h,t,s] = compressed_mask[n,h,t,bin_t(s)] for s <= t, else
+False (bin_t from sea_jax.sea.bins). Output: softmax over the kept entries of each row
+(fp32 accumulation) times v; rows with nothing kept are exactly 0. Output dtype = q.dtype.
+
+The op pads T to a multiple of the block sizes (padded rows keep nothing; real rows never
+see padded keys since s <= t), builds the block map once in the forward and keeps it as a
+residual for the backward. Backends receive T-padded arrays and the block map:
+  gpu: pallas_kernels.gpu (Triton-style Pallas; also runs in interpret mode on CPU).
+  tpu: pallas_kernels.tpu (Mosaic), imported lazily.
+
+Note: the package re-exports the function, so `pallas_kernels.sparse_attention` is the op;
+reach this module's other names with `from pallas_kernels.sparse_attention import ...`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.block_map import build_block_map
+
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_BACKENDS = ("gpu", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes: block_q queries x block_k keys per tile (shared by forward, dq and dk/dv,
+  which all walk one block map). Powers of two >= 16 (Triton dot / arange limits).
+  num_warps (None = 4 for head dim <= 64, else 8) and num_stages are Triton-only hints."""
+  block_q: int = 64
+  block_k: int = 64
+  num_warps: int | None = None
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for name in ("block_q", "block_k"):
+      b = getattr(self, name)
+      if not isinstance(b, int) or b < 16 or b & (b - 1):
+        raise ValueError(f"BlockSizes.{name} must be a power of two >= 16, got {b!r}")
+    if self.num_warps is not None and (not isinstance(self.num_warps, int)
+                                       or self.num_warps <= 0):
+      raise ValueError(f"BlockSizes.num_warps must be a positive int or None, "
+                       f"got {self.num_warps!r}")
+    if not isinstance(self.num_stages, int) or self.num_stages <= 0:
+      raise ValueError(f"BlockSizes.num_stages must be a positive int, got {self.num_stages!r}")
+
+  @classmethod
+  def get_default(cls, backend: str = "gpu") -> "BlockSizes":
+    if backend == "tpu":
+      return cls(block_q=128, block_k=128)
+    return cls(block_q=64, block_k=64)
+
+
+def resolve_backend(backend: str | None, interpret: bool) -> str:
+  """'gpu' | 'tpu' from the argument or jax.default_backend(); CPU needs interpret=True."""
+  if backend is not None:
+    if backend not in _BACKENDS:
+      raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
+    return backend
+  platform = jax.default_backend()
+  if platform in ("gpu", "cuda", "rocm"):
+    return "gpu"
+  if platform == "tpu":
+    return "tpu"
+  if interpret:
+    return "gpu"   # GPU-style kernel through the Pallas interpreter
+  raise ValueError(f"sparse_attention has no compiled kernel for platform {platform!r}; "
+                   "pass interpret=True to run the GPU-style kernel in the Pallas "
+                   "interpreter (slow, for testing)")
+
+
+def _backend_module(backend: str):
+  if backend == "gpu":
+    from pallas_kernels import gpu
+    return gpu
+  try:
+    from pallas_kernels import tpu
+  except ImportError as e:
+    raise ImportError("backend='tpu' needs pallas_kernels/tpu.py (the Mosaic TPU kernels), "
+                      f"which could not be imported: {e}") from e
+  return tpu
+
+
+def check_inputs(q, k, v, compressed_mask):
+  """Raise ValueError naming the offending shapes/dtypes."""
+  shapes = (f"q.shape={q.shape}, k.shape={k.shape}, v.shape={v.shape}, "
+            f"compressed_mask.shape={compressed_mask.shape}")
+  if q.ndim != 4:
+    raise ValueError(f"q, k, v must be (N, H, T, d); got {shapes}")
+  if k.shape != q.shape or v.shape != q.shape:
+    raise ValueError(f"q, k, v must have the same (N, H, T, d) shape; got {shapes}")
+  if compressed_mask.ndim != 4 or compressed_mask.shape[:3] != q.shape[:3]:
+    raise ValueError(f"compressed_mask must be (N, H, T, K) matching q's (N, H, T); "
+                     f"got {shapes}")
+  if compressed_mask.shape[3] < 1:
+    raise ValueError(f"compressed width K must be >= 1; got {shapes}")
+  if compressed_mask.dtype != jnp.bool_:
+    raise ValueError(f"compressed_mask must be bool, got {compressed_mask.dtype} ({shapes})")
+  dts = {jnp.dtype(x.dtype) for x in (q, k, v)}
+  if len(dts) != 1 or next(iter(dts)) not in _DTYPES:
+    raise ValueError(f"q, k, v must share one dtype in (float32, bfloat16); got "
+                     f"q {q.dtype}, k {k.dtype}, v {v.dtype}")
+
+
+@functools.partial(jax.jit, static_argnames=("backend", "interpret", "block_sizes"))
+def sparse_attention(q, k, v, compressed_mask, *, backend: str | None = None,
+                     interpret: bool = False, block_sizes: BlockSizes | None = None):
+  """SEA sparse attention: (N,H,T,d) x3 + bool (N,H,T,K) -> (N,H,T,d) in q.dtype.
+
+  Differentiable in q, k, v (custom_vjp with Pallas dq and dk/dv kernels).
+  """
+  check_inputs(q, k, v, compressed_mask)
+  backend = resolve_backend(backend, interpret)
+  if block_sizes is None:
+    block_sizes = BlockSizes.get_default(backend)
+  if not isinstance(block_sizes, BlockSizes):
+    raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
+  T = q.shape[2]
+  mult = max(block_sizes.block_q, block_sizes.block_k)   # powers of two: lcm == max
+  Tp = -(-T // mult) * mult
+  if Tp != T:
+    pad = ((0, 0), (0, 0), (0, Tp - T), (0, 0))
+    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    compressed_mask = jnp.pad(compressed_mask, pad)    # padded rows keep nothing
+  out = _sparse_core(q, k, v, compressed_mask, backend, block_sizes, interpret)
+  return out[:, :, :T]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _sparse_core(q, k, v, compressed_mask, backend, block_sizes, interpret):
+  out, _ = _sparse_core_fwd(q, k, v, compressed_mask, backend, block_sizes, interpret)
+  return out
+
+
+def _call_backend(fn, *args, block_sizes: BlockSizes, interpret: bool):
+  """fn(*args, block_sizes=..., interpret=...); backends that take block_q/block_k
+  keywords instead of a BlockSizes are called that way."""
+  params = inspect.signature(fn).parameters
+  if "block_sizes" in params:
+    return fn(*args, block_sizes=block_sizes, interpret=interpret)
+  return fn(*args, block_q=block_sizes.block_q, block_k=block_sizes.block_k,
+            interpret=interpret)
+
+
+def _sparse_core_fwd(q, k, v, compressed_mask, backend, block_sizes, interpret):
+  impl = _backend_module(backend)
+  bm = build_block_map(compressed_mask, block_q=block_sizes.block_q,
+                       block_k=block_sizes.block_k)
+  out, lse = _call_backend(impl.forward, q, k, v, compressed_mask, bm,
+                           block_sizes=block_sizes, interpret=interpret)
+  return out, (q, k, v, compressed_mask, bm, out, lse)
+
+
+def _sparse_core_bwd(backend, block_sizes, interpret, res, d_out):
+  q, k, v, compressed_mask, bm, out, lse = res
+  impl = _backend_module(backend)
+  dq, dk, dv = _call_backend(impl.backward, q, k, v, compressed_mask, bm, out, lse, d_out,
+                             block_sizes=block_sizes, interpret=interpret)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_sparse_core.defvjp(_sparse_core_fwd, _sparse_core_bwd)
+
+
+def dense_mask(compressed_mask: jax.Array) -> jax.Array:
+  """(N, H, T, K) bool -> (N, H, T, T) bool dense mask. T x T: reference/tests only."""
+  from sea_jax.sea.bins import bin_index
+  T, K = compressed_mask.shape[2], compressed_mask.shape[3]
+  t = jnp.arange(T)[:, None]
+  s = jnp.arange(T)[None, :]
+  causal = s <= t
+  b = jnp.where(causal, bin_index(t, s, K), 0)
+  idx = jnp.broadcast_to(b, (*compressed_mask.shape[:2], T, T))
+  kept = jnp.take_along_axis(compressed_mask, idx, axis=-1)
+  return kept & causal
+
+
+def sparse_attention_reference(q, k, v, compressed_mask):
+  """Dense (T x T) pure-jnp reference with the same meaning; fp32 softmax, q.dtype out."""
+  mask = dense_mask(compressed_mask)
+  s = jnp.einsum("nhtd,nhsd->nhts", q, k, preferred_element_type=jnp.float32)
+  s = jnp.where(mask, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  p = jnp.where(mask, jnp.exp(s - m), 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(l > 0, l, 1.0)
+  out = jnp.einsum("nhts,nhsd->nhtd", p, v.astype(jnp.float32))
+  return out.astype(q.dtype)
