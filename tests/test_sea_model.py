@@ -1,0 +1,88 @@
+"""OPT + SEA: the attention swap, SEA students from dense checkpoints, and eval.py with SEA."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import REPO
+from hf_models import save_tiny_opt
+from sea_jax import checkpoint, convert
+from sea_jax.config import ConfigError, SEAConfig
+
+
+@pytest.fixture(scope="module")
+def dense_folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp("sea_model")
+  save_tiny_opt(str(root / "hf"), "pre", seed=int(np.random.randint(1 << 30)), with_tokenizer=True)
+  convert.hf_to_model_folder(str(root / "hf"), str(root / "dense"))
+  return root
+
+
+def flat_params(model):
+  return checkpoint.flatten(nnx.to_pure_dict(nnx.state(model)))
+
+
+def test_student_keeps_dense_weights_and_adds_seeded_sea_modules(dense_folder):
+  sea = SEAConfig(K=16, k=4, seed=7)
+  for name in ("s1", "s2"):
+    convert.hf_to_model_folder(str(dense_folder / "hf"), str(dense_folder / name),
+                               attention="sea", sea=sea)
+  dense = flat_params(checkpoint.load_model(str(dense_folder / "dense")))
+  s1 = flat_params(checkpoint.load_model(str(dense_folder / "s1")))
+  s2 = flat_params(checkpoint.load_model(str(dense_folder / "s2")))
+  sea_paths = [p for p in s1 if "core" in p]
+  assert sea_paths and set(s1) == set(dense) | set(sea_paths)
+  for p in dense:  # the pretrained weights are untouched
+    np.testing.assert_array_equal(np.asarray(s1[p]), np.asarray(dense[p]))
+  for p in sea_paths:  # same seed, same fresh SEA modules
+    np.testing.assert_array_equal(np.asarray(s1[p]), np.asarray(s2[p]))
+  s3 = flat_params(checkpoint.load_model(str(dense_folder / "dense"), attention="sea",
+                                         sea_K=16, sea_seed=8))
+  assert any(not np.array_equal(np.asarray(s3[p]), np.asarray(s1[p])) for p in sea_paths)
+
+
+def test_attention_layers_selects_which_layers_swap(dense_folder):
+  model = checkpoint.load_model(str(dense_folder / "dense"), attention="sea", sea_K=16,
+                                attention_layers=(1,))
+  kinds = [type(layer.self_attn.core).__name__ for layer in model.layers]
+  assert kinds == ["DenseAttention", "SEAAttention"]
+  ids = jnp.asarray(np.random.randint(0, 50272, (2, 40)))
+  out = model(ids, sea_k=4, return_attn_aux=True)
+  assert "est_probs" not in out.attn_aux[0] and out.attn_aux[1]["est_probs"].shape == (2, 4, 40, 16)
+
+
+def test_k_is_a_call_argument_and_bad_k_is_an_error(dense_folder):
+  model = checkpoint.load_model(str(dense_folder / "dense"), attention="sea", sea_K=16)
+  ids = jnp.asarray(np.random.randint(0, 50272, (1, 64)))
+  kept = [int(model(ids, sea_k=k, return_attn_aux=True).attn_aux[0]["compressed_mask"].sum())
+          for k in (2, 8)]
+  assert kept[0] < kept[1]
+  with pytest.raises((ValueError, ConfigError), match="k"):
+    model(ids, sea_k=0)
+  with pytest.raises(ConfigError, match="multiple of 4"):
+    checkpoint.load_model(str(dense_folder / "dense"), attention="sea", sea_K=18)
+
+
+def _eval(*args):
+  proc = subprocess.run([sys.executable, "eval.py", "--no-progress", *map(str, args)], cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return [json.loads(l) for l in proc.stdout.strip().splitlines() if l.startswith("{")]
+
+
+def test_eval_sea_student_and_k_sweep(dense_folder):
+  folder = str(dense_folder / "dense")
+  [dense] = _eval("--model", folder, "--seq-len", 64, "--max-windows", 2)
+  lines = _eval("--model", folder, "--attention", "sea", "--sea-K", 16, "--sea-k", "2,8",
+                "--seq-len", 64, "--max-windows", 2)
+  assert [l["attention"] for l in lines] == ["sea", "sea"]
+  assert [l["sea_k"] for l in lines] == [2, 8] and lines[0]["sea_K"] == 16
+  assert dense["attention"] == "dense" and dense["sea_k"] is None
+  # an untrained student is not its teacher (a tiny random model is near-uniform: tiny gaps)
+  assert all(np.isfinite(l["perplexity"]) and l["perplexity"] != dense["perplexity"] for l in lines)
