@@ -1,0 +1,165 @@
+"""SEA and Performer attention cores behind the seam of `sea_jax.attention`.
+
+Both take OPT's projections q (scaled by d^-1/2), k, v (N,H,T,d) and return (context, aux).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sea_jax.config import ConfigError, OPTConfig
+from sea_jax.layers import normal_init, param
+from sea_jax.sea.bins import nonempty_bins
+from sea_jax.sea.estimator import Estimator
+from sea_jax.sea.performer import (causal_linear_attention, num_random_features,
+                                   orthogonal_random_features, relu_features)
+from sea_jax.sea.sparse import sparse_attention
+from sea_jax.sea.topk import check_k, grouped_topk_mask
+
+NEG_LARGE = -1e30
+
+
+class RandomFeatures(nnx.Variable):
+  """Fixed (m, d) orthogonal random features: checkpointed, never trained (not an nnx.Param)."""
+
+
+def _random_features(rngs: nnx.Rngs, head_dim: int, nbf: float) -> RandomFeatures:
+  m = num_random_features(head_dim, nbf)
+  W = orthogonal_random_features(rngs.params(), m, head_dim)
+  return RandomFeatures(W, out_sharding=(None, "head_dim"), eager_sharding=False)
+
+
+def _pallas_sparse(q, k, v, compressed_mask):
+  try:
+    from pallas_kernels import sparse_attention as pallas_sparse_attention
+  except ImportError as e:
+    raise ConfigError(f"sparse_impl='pallas' needs the pallas_kernels package, which failed "
+                      f"to import: {e}") from e
+  return pallas_sparse_attention(q, k, v, compressed_mask)
+
+
+def sparse_dispatch(impl: str, q, k, v, compressed_mask, *, query_block: int):
+  """Runs the sparse attention implementation `impl` ("xla", "pallas" or "auto")."""
+  if impl == "auto":
+    impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+  if impl == "xla":
+    return sparse_attention(q, k, v, compressed_mask, query_block=query_block)
+  if impl == "pallas":
+    return _pallas_sparse(q, k, v, compressed_mask)
+  raise ConfigError(f"unknown sparse_impl {impl!r}; choose 'auto', 'xla' or 'pallas'")
+
+
+def causal_mean(v: jax.Array) -> jax.Array:
+  """C_avg[t] = mean(v[0..t]) in fp32: (N,H,T,d) -> (N,H,T,d)."""
+  T = v.shape[2]
+  dtype = jnp.promote_types(v.dtype, jnp.float32)
+  counts = jnp.arange(1, T + 1, dtype=dtype)[:, None]
+  return jnp.cumsum(v.astype(dtype), axis=2) / counts
+
+
+def masked_bin_softmax(est_logits: jax.Array) -> jax.Array:
+  """Â = softmax over K of Ê with empty bins at probability 0, fp32: (N,H,T,K) -> same."""
+  T, K = est_logits.shape[-2:]
+  nonempty = nonempty_bins(T, K)
+  dtype = jnp.promote_types(est_logits.dtype, jnp.float32)
+  logits = jnp.where(nonempty, est_logits.astype(dtype), NEG_LARGE)
+  return jnp.where(nonempty, jax.nn.softmax(logits, axis=-1), 0.0)
+
+
+class SEAAttention(nnx.Module):
+  """SEA attention core (SEA_SPEC §1.1–1.6).
+
+  Holds the learned position table P (max_positions, d) ~ N(0,1), the fixed random features W,
+  and the estimator (encoder, row decoder, causal CNN, gates). `key_mask` is accepted and
+  ignored: SEA assumes right padding, where causality already hides pads from real tokens.
+  `deterministic` is ignored: the reference's training-only jitter of key ranks (§1.3) is not
+  implemented, so train and eval forwards are identical.
+  """
+
+  def __init__(self, *, num_heads: int, head_dim: int, max_positions: int, K: int = 256,
+               k: int = 64, nbf: float = 8.0, performer_chunk: int = 128,
+               query_block: int = 128, sparse_impl: str = "xla", dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if K < 4 or K % 4:
+      raise ConfigError(f"SEA K must be a positive multiple of 4, got K={K}")
+    check_k(k)
+    self.positions = param(rngs, normal_init(1.0), (max_positions, head_dim),
+                           ("positions", "head_dim"), param_dtype)
+    self.features = _random_features(rngs, head_dim, nbf)
+    self.estimator = Estimator(head_dim, num_heads, K, dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs)
+    self.num_heads, self.head_dim, self.K, self.k = num_heads, head_dim, K, k
+    self.performer_chunk, self.query_block = performer_chunk, query_block
+    self.sparse_impl = sparse_impl
+    self.dtype = dtype
+
+  @classmethod
+  def from_config(cls, config: OPTConfig, *, rngs: nnx.Rngs) -> "SEAAttention":
+    config.sea.validate()
+    sea = config.sea
+    return cls(num_heads=config.num_attention_heads, head_dim=config.head_dim,
+               max_positions=config.max_position_embeddings, K=sea.K, k=sea.k, nbf=sea.nbf,
+               performer_chunk=sea.performer_chunk, query_block=sea.query_block,
+               sparse_impl=sea.sparse_impl, dtype=config.compute_dtype,
+               param_dtype=config.params_dtype, rngs=rngs)
+
+  def __call__(self, q, k, v, *, key_mask=None, sea_k=None, deterministic=True,
+               return_aux=False):
+    """q, k, v (N,H,T,d) -> (C_sea (N,H,T,d) in v.dtype, aux dict)."""
+    del key_mask, deterministic
+    N, H, T, d = q.shape
+    if T > self.positions[...].shape[0]:
+      raise ValueError(f"sequence length {T} exceeds SEA's position table "
+                       f"({self.positions[...].shape[0]} rows)")
+    keys_per_head = self.k if sea_k is None else sea_k
+    check_k(keys_per_head)
+
+    with jax.named_scope("sea_performer"):
+      W = self.features[...]
+      wide = jnp.promote_types(v.dtype, jnp.float32)
+      pos = jnp.broadcast_to(self.positions[...][:T].astype(wide), (N, H, T, d))
+      v_cat = jnp.concatenate([pos, v.astype(wide)], axis=-1)
+      c_perf = causal_linear_attention(relu_features(q, W), relu_features(k, W), v_cat,
+                                       self.performer_chunk)
+    z_in = jnp.concatenate([c_perf.astype(self.dtype), v.astype(self.dtype)], axis=-1)
+    est_logits, s_prob, s_mix = self.estimator(z_in)
+    with jax.named_scope("sea_topk"):
+      est_probs = masked_bin_softmax(est_logits)
+      mask = grouped_topk_mask(est_probs, keys_per_head)
+    with jax.named_scope("sea_sparse"):
+      c_sparse = sparse_dispatch(self.sparse_impl, q, k, v, mask, query_block=self.query_block)
+      c_sparse = s_prob[..., None] * c_sparse.astype(s_prob.dtype)
+    with jax.named_scope("sea_mix"):
+      context = s_mix[..., None] * c_sparse + (1.0 - s_mix[..., None]) * causal_mean(v)
+      context = context.astype(v.dtype)
+    aux = {}
+    if return_aux:
+      aux = {"q": q, "k": k, "context": context, "est_logits": est_logits,
+             "est_probs": est_probs, "compressed_mask": mask, "s_prob": s_prob, "s_mix": s_mix}
+    return context, aux
+
+
+class PerformerAttention(nnx.Module):
+  """The paper's linear baseline: causal ReLU-feature linear attention with fixed features W."""
+
+  def __init__(self, *, head_dim: int, nbf: float = 8.0, chunk: int = 128, rngs: nnx.Rngs):
+    self.features = _random_features(rngs, head_dim, nbf)
+    self.chunk = chunk
+
+  @classmethod
+  def from_config(cls, config: OPTConfig, *, rngs: nnx.Rngs) -> "PerformerAttention":
+    config.sea.validate()
+    return cls(head_dim=config.head_dim, nbf=config.sea.nbf, chunk=config.sea.performer_chunk,
+               rngs=rngs)
+
+  def __call__(self, q, k, v, *, key_mask=None, sea_k=None, deterministic=True,
+               return_aux=False):
+    """q, k, v (N,H,T,d) -> (context (N,H,T,d) in v.dtype, aux). key_mask: ignored (right pad)."""
+    del key_mask, sea_k, deterministic
+    W = self.features[...]
+    with jax.named_scope("performer_attention"):
+      context = causal_linear_attention(relu_features(q, W), relu_features(k, W), v, self.chunk)
+      context = context.astype(v.dtype)
+    aux = {"q": q, "k": k, "context": context} if return_aux else {}
+    return context, aux

@@ -1,0 +1,67 @@
+"""Grouped top-k over heads (SEA_SPEC §1.4) and the dense expansion of a compressed mask (§1.5)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sea_jax.sea.bins import bin_index, nonempty_bins
+
+
+def check_k(k) -> None:
+  if isinstance(k, (int, np.integer)) and k < 1:
+    raise ValueError(f"SEA k (keys per query per head) must be >= 1, got k={k}")
+
+
+def row_budget(T: int, H: int, K: int, k) -> jax.Array:
+  """(T,) int32: c_t = clamp(round_half_even(H·k·K / (t+1)), 1, H·K), in exact integers.
+
+  k may be a Python int or a traced integer scalar.
+  """
+  check_k(k)
+  q = jnp.arange(1, T + 1, dtype=jnp.int32)
+  num = jnp.asarray(k, jnp.int32) * (H * K)
+  floor, rem = num // q, num % q
+  up = (2 * rem > q) | ((2 * rem == q) & (floor % 2 == 1))
+  return jnp.clip(floor + up.astype(jnp.int32), 1, H * K)
+
+
+def grouped_topk_mask(est_probs: jax.Array, k) -> jax.Array:
+  """Compressed mask M̂, bool (N,H,T,K), from estimated probabilities Â (N,H,T,K).
+
+  Per (n, t) the H·K cells of all heads compete for one budget c_t (`row_budget`); the c_t most
+  probable are kept, ties going to the lower flat index h·K + b. Empty bins (`nonempty_bins`)
+  rank after every real cell and are never kept. Not differentiable (gradients stop here).
+  """
+  N, H, T, K = est_probs.shape
+  budget = row_budget(T, H, K, k)
+  nonempty = nonempty_bins(T, K)  # (T, K)
+  probs = jax.lax.stop_gradient(est_probs)
+  probs = probs.astype(jnp.promote_types(probs.dtype, jnp.float32))
+  score = jnp.where(nonempty[None, None], probs, -1.0)
+  score = score.transpose(0, 2, 1, 3).reshape(N, T, H * K)
+  cells = jax.lax.broadcasted_iota(jnp.int32, score.shape, 2)
+  # One sort of (-score, cell) pairs; the budget-th pair is the threshold, and a cell is kept
+  # iff its pair sorts at or before it (higher score, or equal score and lower flat index).
+  neg_sorted, cells_sorted = jax.lax.sort((-score, cells), dimension=2, num_keys=2)
+  last = jnp.broadcast_to((budget - 1)[None, :, None], (N, T, 1))
+  neg_thr = jnp.take_along_axis(neg_sorted, last, axis=2)
+  cell_thr = jnp.take_along_axis(cells_sorted, last, axis=2)
+  keep = (-score < neg_thr) | ((-score == neg_thr) & (cells <= cell_thr))
+  keep = keep.reshape(N, T, H, K).transpose(0, 2, 1, 3)
+  return keep & nonempty[None, None]
+
+
+def expand_mask(compressed_mask: jax.Array, T: int) -> jax.Array:
+  """Dense mask (N,H,T,T) bool: M[t,s] = M̂[t, bin_t(s)] for s <= t, else False.
+
+  O(T²) memory: for tests and pictures only.
+  """
+  K = compressed_mask.shape[-1]
+  t = jnp.arange(T, dtype=jnp.int32)[:, None]
+  s = jnp.arange(T, dtype=jnp.int32)[None, :]
+  bins = jnp.clip(bin_index(t, s, K), 0, K - 1)
+  lead = compressed_mask.shape[:-2]
+  idx = jnp.broadcast_to(bins, (*lead, T, T))
+  dense = jnp.take_along_axis(compressed_mask[..., :T, :], idx, axis=-1)
+  return dense & (s <= t)
