@@ -1,0 +1,47 @@
+"""SEA's fwd+bwd memory grows linearly in T; dense attention's grows quadratically.
+
+Compiles (does not run) grad of sum(context) w.r.t. q, k, v and the layer's params at opt-125m
+head shapes (N=1, H=12, d=64, K=256, k=64) and reads XLA's planned temp bytes.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from sea_jax.attention import make_attention_core
+from sea_jax.config import OPTConfig, SEAConfig
+
+H, D, K, TOP_K = 12, 64, 256, 64
+
+
+def temp_bytes(kind: str, T: int) -> int:
+  config = OPTConfig(hidden_size=H * D, num_attention_heads=H, max_position_embeddings=T,
+                     attention=kind, sea=SEAConfig(K=K, k=TOP_K, sparse_impl="xla"))
+  core = make_attention_core(config, 0, rngs=nnx.Rngs(0))
+  graph, params, rest = nnx.split(core, nnx.Param, ...)
+
+  def loss(params, q, k, v, rest):
+    context, _ = nnx.merge(graph, params, rest)(q, k, v)
+    return jnp.sum(context)
+
+  qkv = jax.ShapeDtypeStruct((1, H, T, D), jnp.float32)
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(params, qkv, qkv, qkv, rest)
+  return lowered.compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.fixture(scope="module")
+def measured():
+  return {(kind, T): temp_bytes(kind, T) for kind in ("sea", "dense") for T in (2048, 8192)}
+
+
+def test_sea_memory_is_linear_in_length(measured):
+  small, large = measured["sea", 2048], measured["sea", 8192]
+  assert large < 5 * small, f"SEA temp bytes: T=2048 {small}, T=8192 {large} ({large / small:.2f}x)"
+
+
+def test_dense_memory_is_quadratic_in_length(measured):
+  small, large = measured["dense", 2048], measured["dense", 8192]
+  assert large >= 10 * small, f"dense temp bytes: {small} -> {large} ({large / small:.2f}x)"
+  assert measured["sea", 8192] < large / 4, "SEA should use far less memory than dense at 8192"
