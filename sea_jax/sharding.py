@@ -121,7 +121,7 @@ def state_shardings(state: Any, mesh: Mesh, rules: dict = LOGICAL_RULES) -> Any:
   def one(var):
     if not isinstance(var, nnx.Variable):
       return NamedSharding(mesh, P())
-    shape = np.shape(var.value)
+    shape = np.shape(var.get_value())
     return var.replace(NamedSharding(mesh, logical_to_spec(variable_axes(var), shape, mesh, rules)))
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
