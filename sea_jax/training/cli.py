@@ -1,0 +1,258 @@
+"""train.py's command line: flags, their validation, and the resolved run plan.
+
+Every flag has a default and a --help line; the resolved settings go to OUT/train_config.json.
+Bad input is a `TrainError` (one line, no traceback, exit code 2).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+from sea_jax.config import OPTConfig
+
+EPILOG = """\
+exit codes: 0 done (OUT/final written); 1 non-finite loss (nothing saved past the last good
+checkpoint); 2 bad input; 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint at the
+step reached (re-run the same command to resume).
+
+multi-host: run the same command on every host with --coordinator HOST:PORT --num-processes N
+--process-id I (on a Cloud TPU pod no flags are needed: jax.distributed is started from the
+TPU environment). Every host reads only its rows of each batch.
+"""
+
+
+class TrainError(ValueError):
+  """Bad flags or inputs; printed as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="train.py", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Distil a SEA student from a frozen dense OPT teacher (SEA_SPEC §2), or "
+                  "pretrain a dense OPT with plain cross-entropy (--mode pretrain).")
+  g = p.add_argument_group("run")
+  g.add_argument("--mode", choices=("distill", "pretrain"), default="distill",
+                 help="distill: SEA student vs frozen dense teacher; pretrain: dense OPT, CE only "
+                      "(default: distill)")
+  g.add_argument("--out", required=True, help="output folder: checkpoints, metrics.jsonl, "
+                 "train_config.json, final/ (re-running the same command resumes)")
+  g.add_argument("--steps", type=int, required=True, help="optimizer steps in total")
+  g.add_argument("--seed", type=int, default=0,
+                 help="seeds the data order, dropout and fresh parameters (default 0)")
+
+  g = p.add_argument_group("models")
+  g.add_argument("--teacher", help="dense OPT teacher: sea-jax model folder, Hugging Face OPT "
+                                   "folder or hub id (distill mode; the student starts from it)")
+  g.add_argument("--init-from", help="start the student (distill) or the model (pretrain) from "
+                                     "this model folder / HF folder instead")
+  g.add_argument("--init-config", help="pretrain from scratch with this HF config.json (file or "
+                                       "folder); the shape flags below override its fields")
+  g.add_argument("--layers", type=int, help="pretrain from scratch: decoder layers")
+  g.add_argument("--d-model", type=int, help="pretrain from scratch: hidden size")
+  g.add_argument("--heads", type=int, help="pretrain from scratch: attention heads")
+  g.add_argument("--ffn", type=int, help="pretrain from scratch: FFN inner size (default 4 d)")
+  g.add_argument("--max-positions", type=int, help="pretrain from scratch: max positions "
+                                                   "(default 2048)")
+  g.add_argument("--vocab-size", type=int, help="pretrain from scratch: vocabulary (default "
+                                                "50272, OPT's)")
+  g.add_argument("--attention", choices=("sea", "performer"), default="sea",
+                 help="distill: the student's attention; performer is the paper's linear "
+                      "baseline (default sea)")
+  g.add_argument("--sea-k", type=int, help="SEA keys per query per head (default: the "
+                                           "checkpoint's, 64)")
+  g.add_argument("--sea-K", type=int, help="SEA compressed width, a multiple of 4 (default: "
+                                           "the checkpoint's, 256)")
+  g.add_argument("--sparse-impl", choices=("auto", "xla", "pallas"),
+                 help="SEA sparse attention implementation (default auto)")
+  g.add_argument("--dropout", type=float, default=0.1,
+                 help="dropout in the trained model (default 0.1; the teacher has none)")
+  g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="compute dtype; parameters and optimizer state stay float32 (default "
+                      "float32)")
+  g.add_argument("--remat", action="store_true", help="rematerialise each decoder layer in "
+                                                      "the backward pass (less memory)")
+
+  g = p.add_argument_group("data")
+  g.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
+  g.add_argument("--batch-size", type=int, default=32,
+                 help="global batch in windows per optimizer step (default 32)")
+  g.add_argument("--micro-batch-size", type=int,
+                 help="windows per accumulation step, over all devices (default: the batch)")
+  g.add_argument("--train-text", nargs="+", metavar="FILE",
+                 help="local training text files (default: wikitext-2-raw-v1 train via "
+                      "`datasets`)")
+  g.add_argument("--wikitext-raw", action="store_true",
+                 help="read --train-text files as WikiText raw rows (e.g. wiki.train.raw)")
+  g.add_argument("--cache-dir", help="token cache folder (default OUT/cache)")
+
+  g = p.add_argument_group("optimizer")
+  g.add_argument("--lr-sea", type=float, default=1e-4,
+                 help="distill: learning rate of the SEA modules (default 1e-4)")
+  g.add_argument("--lr-pretrained", type=float, default=2e-6,
+                 help="distill: learning rate of the pretrained OPT weights (default 2e-6)")
+  g.add_argument("--lr", type=float, default=1e-3,
+                 help="pretrain: learning rate of every parameter (default 1e-3)")
+  g.add_argument("--weight-decay", type=float, default=0.01,
+                 help="AdamW decay of kernels and embeddings, never norms or biases "
+                      "(default 0.01)")
+
+  g = p.add_argument_group("devices and checkpoints")
+  g.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (default: every "
+                                "device on data)")
+  g.add_argument("--save-every", type=int, default=500, help="checkpoint period in steps "
+                                                             "(default 500)")
+  g.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
+  g.add_argument("--log-every", type=int, default=1, help="metrics.jsonl period (default 1)")
+  g.add_argument("--no-progress", action="store_true", help="no progress bar")
+  g.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0")
+  g.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+  g.add_argument("--process-id", type=int, help="multi-host: this process's index")
+  g.add_argument("--distributed", action="store_true",
+                 help="start jax.distributed with the cluster's auto-detection (TPU, SLURM)")
+  g.add_argument("--debug-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
+  return p
+
+
+def check_flags(args: argparse.Namespace) -> None:
+  """Checks that need no model and no devices."""
+  positive = ("steps", "seq_len", "batch_size", "save_every", "keep", "log_every")
+  for name in positive:
+    if getattr(args, name) < 1:
+      raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  if args.micro_batch_size is not None and args.micro_batch_size < 1:
+    raise TrainError(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
+  if args.sea_K is not None and (args.sea_K < 4 or args.sea_K % 4):
+    raise TrainError(f"--sea-K must be a positive multiple of 4, got {args.sea_K}")
+  if args.sea_k is not None and args.sea_k < 1:
+    raise TrainError(f"--sea-k must be >= 1, got {args.sea_k}")
+  if not 0.0 <= args.dropout < 1.0:
+    raise TrainError(f"--dropout must be in [0, 1), got {args.dropout}")
+  if args.mode == "distill":
+    if not args.teacher:
+      raise TrainError("--mode distill needs --teacher PATH (a dense OPT checkpoint)")
+    _check_source(args.teacher, "teacher")
+  else:
+    shape_flags = (args.layers, args.d_model, args.heads, args.ffn, args.max_positions)
+    if not (args.init_from or args.init_config or any(v is not None for v in shape_flags)):
+      raise TrainError("--mode pretrain needs --init-from, --init-config or the shape flags "
+                       "--layers --d-model --heads [--ffn --max-positions]")
+    if args.init_config and not _config_file(args.init_config):
+      raise TrainError(f"--init-config not found: {args.init_config}")
+  if args.init_from:
+    _check_source(args.init_from, "init-from")
+  for path in args.train_text or ():
+    if not os.path.isfile(path):
+      raise TrainError(f"training text not found: {path}")
+
+
+def _check_source(path: str, what: str) -> None:
+  looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.exists(path)
+  if looks_local and not os.path.isdir(path):
+    raise TrainError(f"--{what} not found: {path} is not a model folder")
+  if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+    raise TrainError(f"--{what} {path} has no config.json: not an OPT checkpoint folder")
+
+
+def _config_file(path: str) -> str | None:
+  if os.path.isdir(path):
+    path = os.path.join(path, "config.json")
+  return path if os.path.isfile(path) else None
+
+
+def scratch_config(args: argparse.Namespace) -> OPTConfig:
+  """The dense config of a from-scratch pretrain run (--init-config and/or shape flags)."""
+  if args.init_config:
+    with open(_config_file(args.init_config)) as f:
+      try:
+        hf = json.load(f)
+      except json.JSONDecodeError as e:
+        raise TrainError(f"--init-config is not valid JSON: {e}") from None
+    hf.setdefault("model_type", "opt")
+    base = OPTConfig.from_hf_dict(hf)
+  else:
+    base = OPTConfig()
+    if args.d_model is None or args.layers is None or args.heads is None:
+      raise TrainError("pretraining from scratch without --init-config needs --layers, "
+                       "--d-model and --heads")
+  d = args.d_model or base.hidden_size
+  fields = dict(hidden_size=d, word_embed_proj_dim=d if args.d_model else base.word_embed_proj_dim,
+                num_hidden_layers=args.layers or base.num_hidden_layers,
+                num_attention_heads=args.heads or base.num_attention_heads,
+                ffn_dim=args.ffn or (4 * d if args.d_model else base.ffn_dim),
+                max_position_embeddings=args.max_positions or base.max_position_embeddings,
+                vocab_size=args.vocab_size or base.vocab_size)
+  return dataclasses.replace(base, **fields)
+
+
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "ffn_dim", "max_position_embeddings", "word_embed_proj_dim",
+                "do_layer_norm_before", "attention")
+
+
+def essentials(args: argparse.Namespace, config: OPTConfig) -> dict[str, Any]:
+  """The settings a resumed run must share with the run that wrote the checkpoints."""
+  out = {"mode": args.mode, "seq_len": args.seq_len, "batch_size": args.batch_size,
+         "seed": args.seed}
+  out.update({f: getattr(config, f) for f in SHAPE_FIELDS})
+  if config.attention == "sea":
+    out["sea_K"] = config.sea.K
+    out["sea_nbf"] = config.sea.nbf
+  return out
+
+
+def check_same_essentials(saved: dict, current: dict, where: str) -> None:
+  diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+           if saved.get(k) != current.get(k)]
+  if diffs:
+    raise TrainError(f"cannot resume from {where}: it was written with different settings "
+                     f"({'; '.join(diffs)}); use the same flags or another --out")
+
+
+def batch_layout(args: argparse.Namespace, mesh_shape: dict[str, int]) -> int:
+  """Checks batch/micro-batch against the data x fsdp size; returns the micro batch."""
+  shards = math.prod(mesh_shape[a] for a in ("data", "fsdp"))
+  micro = args.micro_batch_size or args.batch_size
+  if args.batch_size % shards:
+    raise TrainError(f"--batch-size {args.batch_size} is not divisible by the data x fsdp "
+                     f"size {shards} of the mesh")
+  if args.batch_size % micro:
+    raise TrainError(f"--batch-size {args.batch_size} is not divisible by "
+                     f"--micro-batch-size {micro}")
+  if micro % shards:
+    raise TrainError(f"--micro-batch-size {micro} is not divisible by the data x fsdp size "
+                     f"{shards} of the mesh (each accumulation step spreads over every device)")
+  return micro
+
+
+def main(argv: list[str] | None = None) -> int:
+  """train.py: parse, start jax.distributed if asked, run; user errors are one line, exit 2."""
+  import sys
+  args = build_parser().parse_args(argv)
+  from sea_jax.checkpoint import CheckpointError
+  from sea_jax.config import ConfigError
+  from sea_jax.convert import ConvertError
+  from sea_jax.data import DataUnavailableError
+  from sea_jax.sharding import MeshError
+  from sea_jax.training.metrics import NonFiniteLossError
+  user_errors = (TrainError, ConfigError, CheckpointError, ConvertError, MeshError,
+                 DataUnavailableError, FileNotFoundError)
+  try:
+    check_flags(args)
+    from sea_jax.training import distributed
+    try:
+      distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                             force_auto=args.distributed)
+    except ValueError as e:
+      raise TrainError(str(e)) from None
+    from sea_jax.training.loop import run
+    return run(args)
+  except user_errors as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  except NonFiniteLossError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 1

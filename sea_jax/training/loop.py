@@ -1,0 +1,302 @@
+"""The training run: plan, data, models, resume, the step loop, checkpoints, export."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from sea_jax import data as data_lib
+from sea_jax import sharding as shd
+from sea_jax.config import ConfigError, OPTConfig
+from sea_jax.training import distributed, models, optimizer
+from sea_jax.training.checkpointing import StopFlag, TrainCheckpointer
+from sea_jax.training.cli import (TrainError, batch_layout, check_same_essentials, essentials,
+                                  scratch_config)
+from sea_jax.training.metrics import MetricsLog, check_finite
+from sea_jax.training.step import StepSpec, base_rng, build_train_step, init_opt_state
+
+CONFIG_FILE = "train_config.json"
+
+
+@dataclasses.dataclass
+class Plan:
+  """Everything resolved from the flags before any weights are read."""
+  student: OPTConfig
+  teacher: OPTConfig | None
+  init_path: str | None       # weights the student starts from (None: fresh)
+  tokenizer_src: str | None
+  spec: StepSpec
+  learning_rates: dict[str, float]
+  essential: dict[str, Any]
+
+
+def make_plan(args: argparse.Namespace, mesh_shape: dict[str, int]) -> Plan:
+  """Resolves configs and checks them against the flags (no weights read)."""
+  common = dict(dtype=args.dtype, param_dtype="float32", dropout=args.dropout,
+                remat=args.remat, sea_seed=args.seed)
+  if args.sparse_impl:
+    common["sea_sparse_impl"] = args.sparse_impl
+  if args.mode == "distill":
+    teacher_src = models.source_config(args.teacher)
+    init_path = args.init_from or args.teacher
+    base = models.source_config(init_path) if args.init_from else teacher_src
+    sea = {k: v for k, v in (("sea_K", args.sea_K), ("sea_k", args.sea_k)) if v is not None}
+    student = models.with_overrides(base, attention=args.attention, **sea, **common)
+    teacher = models.with_overrides(teacher_src, attention="dense", dtype=args.dtype,
+                                    param_dtype="float32", dropout=0.0, remat=False,
+                                    attention_layers=None)
+    if (teacher.hidden_size, teacher.num_hidden_layers, teacher.num_attention_heads,
+        teacher.vocab_size) != (student.hidden_size, student.num_hidden_layers,
+                                student.num_attention_heads, student.vocab_size):
+      raise TrainError("--init-from and --teacher have different model shapes")
+    lrs = {"sea": args.lr_sea, "pretrained": args.lr_pretrained}
+    tokenizer_src = args.teacher
+  else:
+    init_path = args.init_from
+    base = models.source_config(init_path) if init_path else scratch_config(args)
+    student = models.with_overrides(base, attention="dense", attention_layers=None, **common)
+    teacher = None
+    lrs = {"sea": args.lr, "pretrained": args.lr}
+    tokenizer_src = init_path
+  if args.seq_len > student.max_position_embeddings:
+    raise TrainError(f"--seq-len {args.seq_len} exceeds the model's max positions "
+                     f"{student.max_position_embeddings}")
+  micro = batch_layout(args, mesh_shape)
+  spec = StepSpec(mode=args.mode, batch_size=args.batch_size, micro_batch_size=micro,
+                  seq_len=args.seq_len, K=student.sea.K)
+  return Plan(student, teacher, init_path, tokenizer_src, spec, lrs, essentials(args, student))
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, default=str)
+  os.replace(tmp, path)
+
+
+def check_and_write_config(args, plan: Plan, mesh, out: str, has_checkpoints: bool,
+                           is_writer: bool) -> None:
+  """Refuses to resume with different essentials; writes OUT/train_config.json."""
+  path = os.path.join(out, CONFIG_FILE)
+  if has_checkpoints and os.path.isfile(path):
+    with open(path) as f:
+      saved = json.load(f).get("essential", {})
+    check_same_essentials(saved, plan.essential, path)
+  if is_writer:
+    _write_json(path, {
+        "args": vars(args), "essential": plan.essential,
+        "student_config": plan.student.to_hf_dict(),
+        "teacher_config": plan.teacher.to_hf_dict() if plan.teacher else None,
+        "micro_batch_size": plan.spec.micro_batch_size,
+        "accumulation_steps": plan.spec.accumulation, "learning_rates": plan.learning_rates,
+        "mesh": dict(mesh.shape), "devices": jax.device_count(),
+        "processes": jax.process_count(), "backend": jax.default_backend(),
+        "jax": jax.__version__})
+
+
+def load_tokens(args, plan: Plan, out: str, vocab_size: int, is_writer: bool) -> np.ndarray:
+  tokenizer = data_lib.load_tokenizer(plan.tokenizer_src if plan.tokenizer_src and
+                                      os.path.isdir(plan.tokenizer_src) else None)
+  cache_dir = args.cache_dir or os.path.join(out, "cache")
+  tokens = data_lib.load_training_tokens(args.train_text, tokenizer, cache_dir,
+                                         wikitext_raw=args.wikitext_raw,
+                                         progress=None if is_writer and not args.no_progress
+                                         else False)
+  if tokens.size and int(tokens.max()) >= vocab_size:
+    raise TrainError(f"the tokenizer produces ids up to {int(tokens.max())} but the model's "
+                     f"vocab_size is {vocab_size}")
+  return tokens
+
+
+def _fetch(metrics: dict) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+class Runner:
+  """One training run; `run()` returns the process exit code."""
+
+  def __init__(self, args: argparse.Namespace):
+    self.args = args
+    self.out = os.path.abspath(args.out)
+    self.is_writer = jax.process_index() == 0
+
+  def log(self, msg: str) -> None:
+    if self.is_writer:
+      print(msg, file=sys.stderr, flush=True)
+
+  def run(self) -> int:
+    args = self.args
+    try:
+      mesh = shd.make_mesh(args.mesh)
+    except ValueError as e:
+      raise TrainError(str(e)) from None
+    plan = make_plan(args, dict(mesh.shape))
+    spec = plan.spec
+    os.makedirs(self.out, exist_ok=True)
+    ckpt = TrainCheckpointer(os.path.join(self.out, "checkpoints"), args.keep,
+                             is_writer=self.is_writer)
+    check_and_write_config(args, plan, mesh, self.out, bool(ckpt.steps()), self.is_writer)
+
+    tokens = load_tokens(args, plan, self.out, plan.student.vocab_size, self.is_writer)
+    try:
+      sampler = data_lib.WindowSampler(tokens, spec.seq_len, args.seed)
+    except ValueError as e:
+      raise TrainError(str(e)) from None
+
+    student = models.ModelBridge(plan.student)
+    teacher = models.ModelBridge(plan.teacher) if plan.teacher is not None else None
+    tx = optimizer.make_optimizer(plan.learning_rates, args.weight_decay)
+    p_sh, _ = student.shardings(mesh)
+    opt_sh = optimizer.opt_state_shardings(tx, student.abstract_params, p_sh, mesh)
+    step_fn = build_train_step(spec, student, teacher, tx, mesh, opt_sh)
+
+    teacher_state = None
+    if teacher is not None:
+      tp, tr = models.load_weights(args.teacher, teacher, mesh, _overrides(plan.teacher))
+      teacher_state = {"params": tp, "rest": tr}
+
+    state, start = self._restore_or_init(ckpt, plan, student, tx, mesh, opt_sh, sampler)
+    metrics_log = MetricsLog(os.path.join(self.out, "metrics.jsonl"), resume_step=start,
+                             is_writer=self.is_writer)
+    stop = StopFlag().install()
+    try:
+      code = self._loop(state, start, teacher_state, step_fn, sampler, ckpt, metrics_log,
+                        stop, plan, student)
+    finally:
+      stop.uninstall()
+      ckpt.close()
+    return code
+
+  def _restore_or_init(self, ckpt, plan, student, tx, mesh, opt_sh, sampler):
+    """(state, step): the newest good checkpoint, else fresh optimizer state on the initial
+    weights (--init-from / --teacher / random)."""
+    abstract_p, abstract_r = student.abstract(mesh)
+    abstract_opt = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(tx.init, student.abstract_params), opt_sh)
+    rep = shd.replicated(mesh)
+    rng = base_rng(self.args.seed)
+    abstract = {"params": abstract_p, "rest": abstract_r, "opt": abstract_opt,
+                "step": jax.ShapeDtypeStruct((), np.int32, sharding=rep),
+                "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep)}
+    restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+      step, state, meta = restored
+      check_same_essentials(meta.get("essential", {}), plan.essential, f"checkpoint {step}")
+      try:
+        sampler.restore(meta["sampler"])
+      except ValueError as e:
+        raise TrainError(f"checkpoint {step} does not fit this training text: {e}") from None
+      self.log(f"resuming from checkpoint at step {step}")
+      return state, int(step)
+    if plan.init_path:
+      params, rest = models.load_weights(plan.init_path, student, mesh, _overrides(plan.student))
+    else:
+      params, rest = models.fresh_weights(student, mesh)
+    state = {"params": params, "rest": rest, "opt": init_opt_state(tx, params, opt_sh),
+             "step": jax.device_put(np.int32(0), rep), "rng": jax.device_put(rng, rep)}
+    return state, 0
+
+  def _loop(self, state, start, teacher_state, step_fn, sampler, ckpt, metrics_log, stop,
+            plan, student) -> int:
+    args, spec = self.args, plan.spec
+    global_shape = (spec.batch_size, spec.seq_len + 1)
+    shard_index, num_shards = distributed.host_rows(step_fn.batch_sharding, global_shape)
+    tokens_per_step = spec.batch_size * spec.seq_len
+    lr_fields = ({"lr": plan.learning_rates["sea"], "lr_sea": plan.learning_rates["sea"],
+                  "lr_pretrained": plan.learning_rates["pretrained"]}
+                 if spec.mode == "distill" else {"lr": plan.learning_rates["pretrained"]})
+    from tqdm import tqdm
+    bar = tqdm(total=args.steps, initial=min(start, args.steps), unit="step", file=sys.stderr,
+               dynamic_ncols=True, disable=args.no_progress or not self.is_writer,
+               desc=spec.mode)
+    saved_step = start
+    last = {"time": time.time(), "step": start}
+    log_window = {"time": time.time(), "step": start}
+
+    def finish(pending) -> None:
+      """Fetch a step's metrics, stop on a non-finite term, log."""
+      step, metrics = pending
+      values = _fetch(metrics)
+      check_finite(step, values)
+      now = time.time()
+      rate = tokens_per_step * (step - last["step"]) / max(now - last["time"], 1e-9)
+      last.update(time=now, step=step)
+      bar.update(1)
+      bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{rate:,.0f}")
+      if step % args.log_every == 0 or step == args.steps:
+        window = tokens_per_step * (step - log_window["step"]) / max(now - log_window["time"],
+                                                                     1e-9)
+        log_window.update(time=now, step=step)
+        record = {"step": step, "loss": values.pop("loss")}
+        record.update(values)
+        record.update(tokens_per_s=window, **lr_fields, time=now)
+        metrics_log.write(record)
+
+    def save(step: int) -> None:
+      nonlocal saved_step
+      if step > saved_step:
+        ckpt.save(step, state, {"step": step, "sampler": sampler.state(),
+                                "essential": plan.essential})
+        saved_step = step
+
+    pending = None
+    step = start
+    try:
+      while step < args.steps:
+        if stop.is_set():
+          break
+        rows = sampler.batch(spec.batch_size, shard_index, num_shards)
+        batch = distributed.global_batch(rows, step_fn.batch_sharding, global_shape)
+        state, metrics = step_fn(state, teacher_state, batch)
+        step += 1
+        if pending is not None:
+          finish(pending)  # the previous step's metrics, while this one runs
+        pending = (step, metrics)
+        if step % args.save_every == 0 or step == args.steps:
+          finish(pending)
+          pending = None
+          save(step)
+        if args.debug_sleep:
+          time.sleep(args.debug_sleep)
+      if pending is not None:
+        finish(pending)
+        pending = None
+    finally:
+      bar.close()
+    if step < args.steps:  # stopped by a signal (here or on another host)
+      save(step)
+      ckpt.wait()
+      self.log(f"stopped by signal at step {step}; checkpoint saved, re-run the same command "
+               "to resume")
+      return stop.exit_code
+    ckpt.wait()
+    final = os.path.join(self.out, "final")
+    models.export_model(final, student, state["params"], state["rest"], plan.tokenizer_src,
+                        is_writer=self.is_writer)
+    self.log(f"done: {step} steps; model written to {final}")
+    return 0
+
+
+def _overrides(config: OPTConfig) -> dict:
+  """load_pretrained overrides that rebuild exactly `config` from its source checkpoint."""
+  over = dict(attention=config.attention, attention_layers=config.attention_layers,
+              dtype=config.dtype, param_dtype=config.param_dtype, dropout=config.dropout,
+              remat=config.remat)
+  over.update({f"sea_{f.name}": getattr(config.sea, f.name)
+               for f in dataclasses.fields(config.sea)})
+  return over
+
+
+def run(args: argparse.Namespace) -> int:
+  try:
+    return Runner(args).run()
+  except ConfigError as e:
+    raise TrainError(str(e)) from None

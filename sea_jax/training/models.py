@@ -1,0 +1,124 @@
+"""Models as pure-dict pytrees for training: split into trainable params and the rest.
+
+A `ModelBridge` holds a model's graph and abstract state; the train step works on two pure
+dicts, `params` (every `nnx.Param`) and `rest` (other variables, e.g. SEA's fixed random
+features), and rebuilds the module inside traced functions with `bridge.merge(params, rest)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from sea_jax import checkpoint as ckpt
+from sea_jax import sharding as shd
+from sea_jax.config import OPTConfig, load_config
+from sea_jax.opt import OPTForCausalLM
+
+
+def merge_dicts(a: dict, b: dict) -> dict:
+  """Deep union of two nested dicts with disjoint leaves (params + rest -> full state)."""
+  out = dict(a)
+  for key, value in b.items():
+    out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and key in out else value
+  return out
+
+
+class ModelBridge:
+  """Graph + abstract state of an `OPTForCausalLM(config)`; nothing allocated.
+
+  abstract_params / abstract_rest: pure dicts of ShapeDtypeStructs; shardings(mesh) gives the
+  matching NamedSharding trees.
+  """
+
+  def __init__(self, config: OPTConfig):
+    self.config = config
+    model = nnx.eval_shape(lambda: OPTForCausalLM(config, rngs=nnx.Rngs(config.sea.seed)))
+    self.graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
+    self.abstract_params = nnx.to_pure_dict(self._params)
+    self.abstract_rest = nnx.to_pure_dict(self._rest)
+
+  def merge(self, params: dict, rest: dict) -> OPTForCausalLM:
+    """A module whose variables are `params` and `rest` (works on tracers)."""
+    p = jax.tree.map(lambda v: v, self._params)  # fresh Variables for this trace
+    r = jax.tree.map(lambda v: v, self._rest)
+    nnx.replace_by_pure_dict(p, params)
+    nnx.replace_by_pure_dict(r, rest)
+    return nnx.merge(self.graphdef, p, r)
+
+  def shardings(self, mesh: Mesh) -> tuple[dict, dict]:
+    """(params shardings, rest shardings) from the one logical-axis table."""
+    return (nnx.to_pure_dict(shd.state_shardings(self._params, mesh)),
+            nnx.to_pure_dict(shd.state_shardings(self._rest, mesh)))
+
+  def abstract(self, mesh: Mesh) -> tuple[dict, dict]:
+    """ShapeDtypeStructs carrying their shardings (restore targets)."""
+    ps, rs = self.shardings(mesh)
+    with_sh = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    return (jax.tree.map(with_sh, self.abstract_params, ps),
+            jax.tree.map(with_sh, self.abstract_rest, rs))
+
+  def split(self, model: OPTForCausalLM) -> tuple[dict, dict]:
+    """A live model -> (params, rest) pure dicts."""
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+def source_config(path: str) -> OPTConfig:
+  """The OPTConfig of a sea-jax model folder or a Hugging Face OPT folder (or hub id)."""
+  if ckpt.is_model_folder(path):
+    return load_config(path)
+  from sea_jax import convert
+  return convert.read_hf_config(convert.resolve_source(path))
+
+
+def with_overrides(config: OPTConfig, **overrides) -> OPTConfig:
+  """`dataclasses.replace`; keys "sea_<field>" replace fields of the SEA settings."""
+  sea = {k[len("sea_"):]: v for k, v in overrides.items() if k.startswith("sea_")}
+  top = {k: v for k, v in overrides.items() if not k.startswith("sea_")}
+  config = dataclasses.replace(config, **top)
+  if sea:
+    config = dataclasses.replace(config, sea=dataclasses.replace(config.sea, **sea))
+  config.validate()
+  return config
+
+
+def load_weights(path: str, bridge: ModelBridge, mesh: Mesh, overrides: dict) -> tuple[dict, dict]:
+  """Loads `path` (model folder / HF folder) with `overrides` into (params, rest) on `mesh`;
+  SEA modules a dense checkpoint lacks are freshly initialised."""
+  model = ckpt.load_pretrained(path, mesh, **overrides)
+  if model.config != bridge.config:
+    raise ValueError(f"loaded config differs from the expected one: {model.config} vs "
+                     f"{bridge.config}")
+  return bridge.split(model)
+
+
+def fresh_weights(bridge: ModelBridge, mesh: Mesh) -> tuple[dict, dict]:
+  """A newly initialised model (seed config.sea.seed), created in its sharding."""
+  state = ckpt.init_state(bridge.config, mesh)
+  model = nnx.merge(ckpt.abstract_model(bridge.config)[0], state)
+  return bridge.split(model)
+
+
+def export_model(folder: str, bridge: ModelBridge, params: dict, rest: dict,
+                 tokenizer_src: str | None, *, is_writer: bool) -> None:
+  """Writes a model folder (config.json, params/, tokenizer) that `eval.py --model` reads.
+
+  Every process takes part in the (collective) parameter save; only `is_writer` writes the
+  config and tokenizer files.
+  """
+  from sea_jax import convert
+  config = dataclasses.replace(bridge.config, dtype="float32", remat=False)
+  if is_writer:
+    os.makedirs(folder, exist_ok=True)
+  ckpt.save_params(merge_dicts(params, rest), folder)
+  if is_writer:
+    ckpt.write_config(config, folder)
+    if tokenizer_src and os.path.isdir(tokenizer_src):
+      convert.copy_tokenizer(tokenizer_src, folder)
+    else:
+      from sea_jax.data import load_tokenizer, save_tokenizer
+      save_tokenizer(load_tokenizer(None), folder)
