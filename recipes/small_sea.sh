@@ -4,7 +4,8 @@
 #   2. distil it into a SEA student (K=64, k=16) and, as the paper's linear baseline, into a
 #      Performer student, by the same recipe,
 #   3. evaluate teacher, untrained student, SEA student (k sweep) and Performer student on
-#      WikiText-2 (sea protocol at the trained sequence length); results/*.jsonl feed RESULTS.md.
+#      WikiText-2 (sea protocol at the trained sequence length); results/*.jsonl feed RESULTS.md,
+#   4. draw the teacher's attention, SEA's estimate, the kept mask and their overlap.
 #
 #   bash recipes/small_sea.sh            # the full recipe (about 40-50 minutes on 2 cores)
 #   TOY=1 bash recipes/small_sea.sh      # seconds: every stage at toy size (what CI runs)
@@ -22,14 +23,14 @@ if [[ "${TOY:-0}" == 1 ]]; then
   TEXT_ARGS=(--train-text "${TOY_TEXT:-sea_jax/assets/wikitext-2-raw/wiki.valid.raw}")
 else
   LAYERS=${LAYERS:-4} D_MODEL=${D_MODEL:-256} HEADS=${HEADS:-8} SEQ=${SEQ:-512}
-  TEACHER_STEPS=${TEACHER_STEPS:-600} STUDENT_STEPS=${STUDENT_STEPS:-200} BATCH=${BATCH:-8}
+  TEACHER_STEPS=${TEACHER_STEPS:-450} STUDENT_STEPS=${STUDENT_STEPS:-120} BATCH=${BATCH:-4}
   SEA_K=${SEA_K:-64} SEA_k=${SEA_k:-16} EVAL_WINDOWS=${EVAL_WINDOWS:-} KS=${KS:-4,8,16,32,64}
   TEXT_ARGS=(--train-text "$CORPUS")
 fi
 TEACHER_LR=${TEACHER_LR:-1e-3}
 LR_SEA=${LR_SEA:-1e-3}
 LR_PRETRAINED=${LR_PRETRAINED:-1e-4}
-COMMON=(--seq-len "$SEQ" --batch-size "$BATCH" --save-every "${SAVE_EVERY:-50}" --keep 2
+COMMON=(--seq-len "$SEQ" --batch-size "$BATCH" --save-every "${SAVE_EVERY:-25}" --keep 2
         --cache-dir "$OUT/cache" --log-every "${LOG_EVERY:-1}" "${TEXT_ARGS[@]}")
 EVAL=(--seq-len "$SEQ" --protocol sea ${EVAL_WINDOWS:+--max-windows $EVAL_WINDOWS})
 mkdir -p "$OUT/results"
@@ -56,4 +57,9 @@ python eval.py --model "$OUT/sea/final" --sea-k "$KS" "${EVAL[@]}" > "$OUT/resul
 python eval.py --model "$OUT/performer/final" "${EVAL[@]}" > "$OUT/results/performer.jsonl"
 python recipes/make_results.py --results "$OUT/results" --trained-k "$SEA_k" \
   --out-md "$OUT/RESULTS.md" --out-png "$OUT/k_sweep.png"
-echo "wrote $OUT/RESULTS.md" >&2
+
+echo "== pictures: what the distilled SEA student keeps, against its teacher" >&2
+python -m sea_jax.visualize --model "$OUT/sea/final" --teacher "$OUT/teacher/final" \
+  --text-file sea_jax/assets/wikitext-2-raw/wiki.valid.raw --max-tokens "${VIS_TOKENS:-$SEQ}" \
+  --sea-k "$SEA_k" --out "$OUT/pictures"
+echo "wrote $OUT/RESULTS.md and $OUT/pictures" >&2

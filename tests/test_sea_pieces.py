@@ -427,3 +427,15 @@ def test_estimator_matches_reference(N, H, T, d, K):
   assert logits.shape == (N, H, T, K) and logits.dtype == jnp.float32
   for name, g, r in zip(("logits", "s_prob", "s_mix"), (logits, s_prob, s_mix), want):
     assert rel_err(g, r) <= 1e-4, f"seed={seed}: {name} rel err {rel_err(g, r)}"
+
+
+def test_sparse_attention_gradients_stay_finite_when_dropped_scores_dwarf_kept_ones():
+  """Scores of dropped keys far above the kept ones must not overflow into NaN gradients."""
+  from sea_jax.sea import sparse_attention as sparse
+  T, d, K = 16, 4, 4
+  k = jnp.zeros((1, 1, T, d)).at[..., 0].set(jnp.arange(T, dtype=jnp.float32))
+  q = jnp.zeros((1, 1, T, d)).at[..., 0].set(200.0)  # score = 200 s: later keys dominate
+  v = jnp.ones((1, 1, T, d))
+  mask = jnp.zeros((1, 1, T, K), bool).at[..., 0].set(True)  # keep only the first bin
+  grads = jax.grad(lambda q, k, v: sparse(q, k, v, mask, query_block=8).sum(), argnums=(0, 1, 2))(q, k, v)
+  assert all(bool(jnp.isfinite(g).all()) for g in grads)

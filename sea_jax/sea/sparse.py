@@ -48,7 +48,9 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, compressed_mask: 
     scores = jnp.einsum("nhbd,nhsd->nhbs", q_blk, k, preferred_element_type=acc)
     top = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True)
     top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
-    p = jnp.where(mask, jnp.exp(scores - top), 0.0)
+    # exp of the masked logits only: exp(scores - top) can overflow on dropped entries, and an
+    # inf under `where` turns into NaN gradients.
+    p = jnp.exp(jnp.where(mask, scores - top, -jnp.inf))
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom > 0, denom, 1.0)
     return jnp.einsum("nhbs,nhsd->nhbd", p.astype(v.dtype), v,
