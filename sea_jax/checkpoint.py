@@ -12,6 +12,7 @@ initialised from `config.sea.seed`; any other missing variable is an error.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -136,7 +137,7 @@ def load_model(folder: str, mesh: Mesh | None = None, **overrides) -> OPTForCaus
 
   `overrides` replace config fields (e.g. attention="sea", dtype="bfloat16").
   """
-  config = _apply_overrides(load_config(folder), overrides)
+  config = apply_overrides(load_config(folder), **overrides)
   graphdef, abstract = abstract_model(config)
   restored, missing = restore_params(folder, abstract, mesh)
   return assemble(config, graphdef, abstract, restored, missing, mesh)
@@ -159,9 +160,8 @@ def assemble(config: OPTConfig, graphdef, abstract, restored: dict, missing: lis
   return nnx.merge(graphdef, state)
 
 
-def _apply_overrides(config: OPTConfig, overrides: dict) -> OPTConfig:
+def apply_overrides(config: OPTConfig, **overrides) -> OPTConfig:
   """Replaces config fields; keys "sea_<field>" replace fields of the SEA settings."""
-  import dataclasses
   sea = {k[len("sea_"):]: v for k, v in overrides.items() if k.startswith("sea_")}
   top = {k: v for k, v in overrides.items() if not k.startswith("sea_")}
   config = dataclasses.replace(config, **top)
@@ -178,7 +178,7 @@ def load_pretrained(path: str, mesh: Mesh | None = None, **overrides) -> OPTForC
     return load_model(path, mesh, **overrides)
   from sea_jax import convert
   folder = convert.resolve_source(path)
-  config = _apply_overrides(convert.read_hf_config(folder), overrides)
+  config = apply_overrides(convert.read_hf_config(folder), **overrides)
   graphdef, abstract = abstract_model(config)
   shardings = flatten(nnx.to_pure_dict(shd.state_shardings(abstract, mesh))) if mesh is not None else None
   dtypes = {p: v.dtype for p, v in flatten(nnx.to_pure_dict(abstract)).items()}

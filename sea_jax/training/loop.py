@@ -14,6 +14,7 @@ import numpy as np
 
 from sea_jax import data as data_lib
 from sea_jax import sharding as shd
+from sea_jax.checkpoint import apply_overrides
 from sea_jax.config import ConfigError, OPTConfig
 from sea_jax.training import distributed, models, optimizer
 from sea_jax.training.checkpointing import StopFlag, TrainCheckpointer
@@ -48,8 +49,8 @@ def make_plan(args: argparse.Namespace, mesh_shape: dict[str, int]) -> Plan:
     init_path = args.init_from or args.teacher
     base = models.source_config(init_path) if args.init_from else teacher_src
     sea = {k: v for k, v in (("sea_K", args.sea_K), ("sea_k", args.sea_k)) if v is not None}
-    student = models.with_overrides(base, attention=args.attention, **sea, **common)
-    teacher = models.with_overrides(teacher_src, attention="dense", dtype=args.dtype,
+    student = apply_overrides(base, attention=args.attention, **sea, **common)
+    teacher = apply_overrides(teacher_src, attention="dense", dtype=args.dtype,
                                     param_dtype="float32", dropout=0.0, remat=False,
                                     attention_layers=None)
     if (teacher.hidden_size, teacher.num_hidden_layers, teacher.num_attention_heads,
@@ -61,7 +62,7 @@ def make_plan(args: argparse.Namespace, mesh_shape: dict[str, int]) -> Plan:
   else:
     init_path = args.init_from
     base = models.source_config(init_path) if init_path else scratch_config(args)
-    student = models.with_overrides(base, attention="dense", attention_layers=None, **common)
+    student = apply_overrides(base, attention="dense", attention_layers=None, **common)
     teacher = None
     lrs = {"sea": args.lr, "pretrained": args.lr}
     tokenizer_src = init_path

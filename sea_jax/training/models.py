@@ -75,17 +75,6 @@ def source_config(path: str) -> OPTConfig:
   return convert.read_hf_config(convert.resolve_source(path))
 
 
-def with_overrides(config: OPTConfig, **overrides) -> OPTConfig:
-  """`dataclasses.replace`; keys "sea_<field>" replace fields of the SEA settings."""
-  sea = {k[len("sea_"):]: v for k, v in overrides.items() if k.startswith("sea_")}
-  top = {k: v for k, v in overrides.items() if not k.startswith("sea_")}
-  config = dataclasses.replace(config, **top)
-  if sea:
-    config = dataclasses.replace(config, sea=dataclasses.replace(config.sea, **sea))
-  config.validate()
-  return config
-
-
 def load_weights(path: str, bridge: ModelBridge, mesh: Mesh, overrides: dict) -> tuple[dict, dict]:
   """Loads `path` (model folder / HF folder) with `overrides` into (params, rest) on `mesh`;
   SEA modules a dense checkpoint lacks are freshly initialised."""
