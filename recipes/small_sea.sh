@@ -24,12 +24,12 @@ if [[ "${TOY:-0}" == 1 ]]; then
 else
   LAYERS=${LAYERS:-4} D_MODEL=${D_MODEL:-256} HEADS=${HEADS:-8} SEQ=${SEQ:-512}
   TEACHER_STEPS=${TEACHER_STEPS:-450} STUDENT_STEPS=${STUDENT_STEPS:-120} BATCH=${BATCH:-4}
-  SEA_K=${SEA_K:-64} SEA_k=${SEA_k:-16} EVAL_WINDOWS=${EVAL_WINDOWS:-} KS=${KS:-4,8,16,32,64}
+  SEA_K=${SEA_K:-64} SEA_k=${SEA_k:-16} EVAL_WINDOWS=${EVAL_WINDOWS:-100} KS=${KS:-4,8,16,32,64}
   TEXT_ARGS=(--train-text "$CORPUS")
 fi
 TEACHER_LR=${TEACHER_LR:-1e-3}
 LR_SEA=${LR_SEA:-1e-3}
-LR_PRETRAINED=${LR_PRETRAINED:-1e-4}
+LR_PRETRAINED=${LR_PRETRAINED:-2e-6}
 COMMON=(--seq-len "$SEQ" --batch-size "$BATCH" --save-every "${SAVE_EVERY:-25}" --keep 2
         --cache-dir "$OUT/cache" --log-every "${LOG_EVERY:-1}" "${TEXT_ARGS[@]}")
 EVAL=(--seq-len "$SEQ" --protocol sea ${EVAL_WINDOWS:+--max-windows $EVAL_WINDOWS})
