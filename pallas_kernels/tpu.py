@@ -194,12 +194,9 @@ def _fwd_kernel(qv_ref, qc_ref, q_ref, k_ref, v_ref, w_ref, o_ref, lse_ref,
     lse_ref[...] = lse.T[:1, :]  # (bq, 128) -> (1, bq)
 
 
-def _fwd_call(q, k, v, words, qv, qc, *, bq, bk, K, interpret):
-  """One pallas_call over all (n, h) of its inputs: (N, H, T, d) x3, words (N, H, nW, T),
-  q_visits (N, H, nQ, nK), q_counts (N, H, nQ) -> out (N, H, T, d), lse (N, H, 1, T)."""
-  N, H, T, d = q.shape
-  nq, nk = qv.shape[2:]
-  nw = words.shape[2]
+def _query_grid_maps(H: int, nq: int, nk: int):
+  """Index maps of a (N, H, query block i, visit step j) grid with the query-block visit lists
+  scalar-prefetched: q-side blocks, the visited k/v block, and per-row (N, H, *, T) data."""
 
   def q_map(n, h, i, j, qv, qc):
     return n, h, i, 0
@@ -209,6 +206,18 @@ def _fwd_call(q, k, v, words, qv, qc, *, bq, bk, K, interpret):
 
   def row_map(n, h, i, j, qv, qc):
     return n, h, 0, i
+
+  return q_map, kv_map, row_map
+
+
+def _fwd_call(q, k, v, words, qv, qc, *, bq, bk, K, interpret):
+  """One pallas_call over all (n, h) of its inputs: (N, H, T, d) x3, words (N, H, nW, T),
+  q_visits (N, H, nQ, nK), q_counts (N, H, nQ) -> out (N, H, T, d), lse (N, H, 1, T)."""
+  N, H, T, d = q.shape
+  nq, nk = qv.shape[2:]
+  nw = words.shape[2]
+
+  q_map, kv_map, row_map = _query_grid_maps(H, nq, nk)
 
   kernel = functools.partial(_fwd_kernel, H=H, nq=nq, nk=nk, bq=bq, bk=bk, K=K, nw=nw,
                              precision=_precision(q.dtype))
@@ -330,14 +339,7 @@ def _dq_call(q, k, v, do, words, lse, delta, qv, qc, *, bq, bk, K, interpret):
   nq, nk = qv.shape[2:]
   nw = words.shape[2]
 
-  def q_map(n, h, i, j, qv, qc):
-    return n, h, i, 0
-
-  def kv_map(n, h, i, j, qv, qc):
-    return n, h, qv[((n * H + h) * nq + i) * nk + j], 0
-
-  def row_map(n, h, i, j, qv, qc):
-    return n, h, 0, i
+  q_map, kv_map, row_map = _query_grid_maps(H, nq, nk)
 
   kernel = functools.partial(_dq_kernel, H=H, nq=nq, nk=nk, bq=bq, bk=bk, K=K, nw=nw,
                              precision=_precision(q.dtype))
