@@ -72,7 +72,7 @@ def main() -> None:
   from sea_jax import data
   torch.manual_seed(0)
   hf = transformers.OPTForCausalLM(opt125m_config(args.layers)).eval()
-  params = sum(p.numel() for p in hf.parameters()) - hf.lm_head.weight.numel()
+  params = sum(p.numel() for p in hf.parameters())  # the tied head is counted once
   tokens = data.protocol_tokens(data.load_tokenizer(None), "sea")
   windows = data.eval_windows(tokens, 2048)[: args.windows]
   with tempfile.TemporaryDirectory() as tmp:
