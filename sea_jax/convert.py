@@ -142,22 +142,36 @@ def iter_tensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
       yield from _iter_torch_bin(path)
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                       "BOOL": "bool"}
+
+
 def _iter_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-  from safetensors import safe_open
-  try:
-    handle = safe_open(path, framework="numpy")
-    names = list(handle.keys())
-  except Exception as e:  # noqa: BLE001 - SafetensorError for truncated/corrupt headers
-    raise ConvertError(f"{path} is truncated or not a safetensors file ({e})") from None
-  expected = os.path.getsize(path)
-  for name in names:
+  """Reads a safetensors file tensor by tensor with plain reads (no mmap), so only the tensor
+  being converted is resident; the header is checked against the file size first."""
+  import ml_dtypes
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
     try:
-      array = handle.get_tensor(name)
-    except Exception as e:  # noqa: BLE001
-      raise ConvertError(f"{path}: tensor {name!r} cannot be read; the file is truncated "
-                         f"or corrupt ({e})") from None
-    yield name, array
-  del expected
+      (header_len,) = np.frombuffer(f.read(8), "<u8")
+      header = json.loads(f.read(int(header_len)))
+    except (ValueError, json.JSONDecodeError) as e:
+      raise ConvertError(f"{path} is truncated or not a safetensors file ({e})") from None
+    base = 8 + int(header_len)
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+      begin, end = info["data_offsets"]
+      if base + end > size:
+        raise ConvertError(f"{path}: tensor {name!r} ends at byte {base + end} but the file has "
+                           f"{size}; the file is truncated")
+      dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+      if dtype is None:
+        raise ConvertError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+      np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+      f.seek(base + begin)
+      data = f.read(end - begin)
+      yield name, np.frombuffer(data, np_dtype).reshape(info["shape"]).astype(np.float32)
 
 
 def _iter_torch_bin(path: str) -> Iterator[tuple[str, np.ndarray]]:
