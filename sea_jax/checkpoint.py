@@ -181,13 +181,12 @@ def load_pretrained(path: str, mesh: Mesh | None = None, **overrides) -> OPTForC
   config = apply_overrides(convert.read_hf_config(folder), **overrides)
   graphdef, abstract = abstract_model(config)
   shardings = flatten(nnx.to_pure_dict(shd.state_shardings(abstract, mesh))) if mesh is not None else None
-  dtypes = {p: v.dtype for p, v in flatten(nnx.to_pure_dict(abstract)).items()}
+  wanted = flatten(nnx.to_pure_dict(abstract))
 
   def put(p, array):
-    value = jnp.asarray(array, dtypes[p])
+    value = jnp.asarray(array, wanted[p].dtype)
     return jax.device_put(value, shardings[p]) if shardings is not None else value
 
   flat = convert.hf_params(folder, config, put)
-  wanted = flatten(nnx.to_pure_dict(abstract))
   missing = [p for p in wanted if p not in flat]
   return assemble(config, graphdef, abstract, unflatten(flat), missing, mesh)
