@@ -37,8 +37,9 @@ class DataUnavailableError(RuntimeError):
 # ---------------------------------------------------------------------------- tokenizer
 
 
-def _has_tokenizer_files(folder: Path) -> bool:
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
   """Whether `folder` holds files `AutoTokenizer` can load."""
+  folder = Path(folder)
   return folder.is_dir() and any((folder / name).is_file() for name in _TOKENIZER_FILES)
 
 
@@ -64,7 +65,7 @@ def load_tokenizer(model_dir: str | None = None):
     return bundled_tokenizer()
   folder = Path(model_dir)
   if folder.is_dir():
-    if not _has_tokenizer_files(folder):
+    if not has_tokenizer_files(folder):
       return bundled_tokenizer()
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(folder))

@@ -48,7 +48,8 @@ def upsample_estimate(est_probs, T: int | None = None, *, row_offset: int = 0) -
 
   Row i is query t = row_offset + i (R = T, row_offset = 0 for the whole matrix). Each bin's
   probability is spread evenly over the keys it covers (bins per SEA_SPEC §1.3), so a row of
-  the result sums to the mass Â puts on non-empty bins: 1 for `masked_bin_softmax` outputs.
+  the result sums to the mass Â puts on non-empty bins (below 1 in rows with t + 1 < K,
+  where `masked_bin_softmax` leaves the empty bins' share out rather than renormalising).
   """
   from sea_jax.sea.bins import bin_bounds, bin_index
   est = np.asarray(est_probs, np.float32)

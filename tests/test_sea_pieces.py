@@ -176,11 +176,11 @@ def ref_estimator(est: Estimator, z_in):
 
 
 def ref_bin_softmax(logits) -> np.ndarray:
-  logits = f64(logits)
-  ne = ref_nonempty(*logits.shape[-2:])
-  x = np.where(ne, logits, -np.inf)
-  x = np.exp(x - x.max(-1, keepdims=True))
-  return x / x.sum(-1, keepdims=True)
+  """Â of SEA_SPEC §1.2.5/§1.4 in float64: softmax over all K, empty bins then zeroed (no
+  renormalisation over the non-empty bins)."""
+  x = f64(logits)
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return np.where(ref_nonempty(*x.shape[-2:]), e / e.sum(-1, keepdims=True), 0.0)
 
 
 def random_probs(rng, N, H, T, K, scale=2.0) -> np.ndarray:
@@ -232,6 +232,22 @@ def test_grouped_topk_matches_reference(N, H, T, K, k):
   assert np.array_equal(got, ref_topk(probs, k)), f"seed={seed}"
   traced = jax.jit(grouped_topk_mask)(jnp.asarray(probs), jnp.int32(k))
   assert np.array_equal(np.asarray(traced), got), f"seed={seed} (traced k)"
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_estimated_probs_are_not_renormalised_before_the_grouped_topk(case):
+  # Rows with t + 1 < K have empty bins; heads whose logits put more weight there must not be
+  # rescaled, or a different head wins the shared budget (SEA_SPEC §1.4).
+  from sea_jax.sea import masked_bin_softmax
+  rng, seed = make_rng()
+  N, H, T, K, k = 2, 4, 24, 32, 2
+  logits = (rng.standard_normal((N, H, T, K)) * rng.uniform(0.5, 3.0, (1, H, 1, 1))
+            + rng.uniform(-2, 2, (1, H, 1, 1)) * np.arange(K) / K).astype(np.float32)
+  want_p = ref_bin_softmax(logits)
+  got_p = np.asarray(masked_bin_softmax(jnp.asarray(logits)))
+  np.testing.assert_allclose(got_p, want_p, rtol=2e-6, atol=1e-9, err_msg=f"seed={seed}")
+  got = np.asarray(grouped_topk_mask(jnp.asarray(got_p), k))
+  assert np.array_equal(got, ref_topk(want_p.astype(np.float32), k)), f"seed={seed}"
 
 
 def test_topk_ties_go_to_lower_index():

@@ -17,9 +17,6 @@ from sea_jax.sea.performer import (causal_linear_attention, num_random_features,
 from sea_jax.sea.sparse import sparse_attention
 from sea_jax.sea.topk import check_k, grouped_topk_mask
 
-NEG_LARGE = -1e30
-
-
 class RandomFeatures(nnx.Variable):
   """Fixed (m, d) orthogonal random features: checkpointed, never trained (not an nnx.Param)."""
 
@@ -59,12 +56,17 @@ def causal_mean(v: jax.Array) -> jax.Array:
 
 
 def masked_bin_softmax(est_logits: jax.Array) -> jax.Array:
-  """Â = softmax over K of Ê with empty bins at probability 0, fp32: (N,H,T,K) -> same."""
+  """Â = softmax over all K of Ê, fp32, with empty bins then set to 0: (N,H,T,K) -> same.
+
+  Not renormalised over the non-empty bins (SEA_SPEC §1.4): in rows with t + 1 < K each head's
+  non-empty cells keep the mass the softmax over K gave them, so heads compete for the grouped
+  budget on that scale; a row's sum is then below 1.
+  """
   T, K = est_logits.shape[-2:]
   nonempty = nonempty_bins(T, K)
   dtype = jnp.promote_types(est_logits.dtype, jnp.float32)
-  logits = jnp.where(nonempty, est_logits.astype(dtype), NEG_LARGE)
-  return jnp.where(nonempty, jax.nn.softmax(logits, axis=-1), 0.0)
+  probs = jax.nn.softmax(est_logits.astype(dtype), axis=-1)
+  return jnp.where(nonempty, probs, 0.0)
 
 
 class SEAAttention(nnx.Module):

@@ -57,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--ffn", type=int, help="pretrain from scratch: FFN inner size (default 4 d)")
   g.add_argument("--max-positions", type=int, help="pretrain from scratch: max positions "
                                                    "(default 2048)")
-  g.add_argument("--vocab-size", type=int, help="pretrain from scratch: vocabulary (default "
-                                                "50272, OPT's)")
+  g.add_argument("--vocab-size", type=int, help="pretrain from scratch: vocabulary (default: "
+                                                "the tokenizer's size, 50272 for OPT's)")
+  g.add_argument("--tokenizer", help="pretrain from scratch: a Hugging Face tokenizer folder "
+                                     "(e.g. from recipes/prepare_corpus.py), copied into the "
+                                     "model folder (default: the bundled OPT tokenizer)")
   g.add_argument("--attention", choices=("sea", "performer"), default="sea",
                  help="distill: the student's attention; performer is the paper's linear "
                       "baseline (default sea)")
@@ -96,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="distill: learning rate of the pretrained OPT weights (default 2e-6)")
   g.add_argument("--lr", type=float, default=1e-3,
                  help="pretrain: learning rate of every parameter (default 1e-3)")
+  g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                 help="constant (the paper's distillation) or cosine decay to 0.1 x the LR at "
+                      "--steps (default constant)")
+  g.add_argument("--warmup-steps", type=int, default=0,
+                 help="linear LR warm-up from 0 over this many steps (default 0)")
   g.add_argument("--weight-decay", type=float, default=0.01,
                  help="AdamW decay of kernels and embeddings, never norms or biases "
                       "(default 0.01)")
@@ -123,6 +131,8 @@ def check_flags(args: argparse.Namespace) -> None:
   for name in positive:
     if getattr(args, name) < 1:
       raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  if args.warmup_steps < 0:
+    raise TrainError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
   if args.micro_batch_size is not None and args.micro_batch_size < 1:
     raise TrainError(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
   if args.sea_K is not None and (args.sea_K < 4 or args.sea_K % 4):
@@ -144,6 +154,14 @@ def check_flags(args: argparse.Namespace) -> None:
       raise TrainError(f"--init-config not found: {args.init_config}")
   if args.init_from:
     _check_source(args.init_from, "init-from")
+  if args.tokenizer is not None:
+    if args.mode != "pretrain" or args.init_from:
+      raise TrainError("--tokenizer applies to pretraining from scratch only (a student or "
+                       "--init-from model keeps its own tokenizer)")
+    from sea_jax.data import has_tokenizer_files
+    if not has_tokenizer_files(args.tokenizer):
+      raise TrainError(f"--tokenizer {args.tokenizer} is not a folder with tokenizer files "
+                       "(tokenizer.json, vocab.json, ...)")
   for path in args.train_text or ():
     if not os.path.isfile(path):
       raise TrainError(f"training text not found: {path}")
@@ -184,8 +202,16 @@ def scratch_config(args: argparse.Namespace) -> OPTConfig:
                 num_attention_heads=args.heads or base.num_attention_heads,
                 ffn_dim=args.ffn or (4 * d if args.d_model else base.ffn_dim),
                 max_position_embeddings=args.max_positions or base.max_position_embeddings,
-                vocab_size=args.vocab_size or base.vocab_size)
+                vocab_size=args.vocab_size or _tokenizer_vocab(args) or base.vocab_size)
   return dataclasses.replace(base, **fields)
+
+
+def _tokenizer_vocab(args: argparse.Namespace) -> int | None:
+  """--tokenizer's size rounded up to a multiple of 64 (None without --tokenizer)."""
+  if getattr(args, "tokenizer", None) is None:
+    return None
+  from sea_jax.data import load_tokenizer
+  return -(-len(load_tokenizer(args.tokenizer)) // 64) * 64
 
 
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",

@@ -65,7 +65,7 @@ def make_plan(args: argparse.Namespace, mesh_shape: dict[str, int]) -> Plan:
     student = apply_overrides(base, attention="dense", attention_layers=None, **common)
     teacher = None
     lrs = {"sea": args.lr, "pretrained": args.lr}
-    tokenizer_src = init_path
+    tokenizer_src = init_path or args.tokenizer
   if args.seq_len > student.max_position_embeddings:
     raise TrainError(f"--seq-len {args.seq_len} exceeds the model's max positions "
                      f"{student.max_position_embeddings}")
@@ -153,7 +153,9 @@ class Runner:
 
     student = models.ModelBridge(plan.student)
     teacher = models.ModelBridge(plan.teacher) if plan.teacher is not None else None
-    tx = optimizer.make_optimizer(plan.learning_rates, args.weight_decay)
+    tx = optimizer.make_optimizer(plan.learning_rates, args.weight_decay,
+                                  schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+                                  total_steps=args.steps)
     p_sh, _ = student.shardings(mesh)
     opt_sh = optimizer.opt_state_shardings(tx, student.abstract_params, p_sh, mesh)
     step_fn = build_train_step(spec, student, teacher, tx, mesh, opt_sh)

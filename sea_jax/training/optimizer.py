@@ -53,17 +53,39 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(decays, params)
 
 
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_schedule(lr: float, schedule: str = "constant", warmup_steps: int = 0,
+                total_steps: int = 0, final_fraction: float = 0.1):
+  """A float (constant, no warmup) or an optax schedule: linear warmup from 0 over
+  `warmup_steps`, then constant or a cosine decay to `final_fraction * lr` at `total_steps`."""
+  if schedule not in SCHEDULES:
+    raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+  if schedule == "constant" and warmup_steps == 0:
+    return float(lr)
+  if schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps),
+                                 optax.constant_schedule(lr)], [warmup_steps])
+  return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps,
+                                            max(total_steps, warmup_steps + 1),
+                                            end_value=final_fraction * lr)
+
+
 def make_optimizer(learning_rates: Mapping[str, float], weight_decay: float,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
+                   schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 0
                    ) -> optax.GradientTransformation:
-  """AdamW per group with a constant learning rate, decay masked by `decay_mask`.
+  """AdamW per group, decay masked by `decay_mask`; learning rates by `lr_schedule`
+  (the paper's distillation: constant, no warmup).
 
   learning_rates: {"sea": lr, "pretrained": lr}.
   """
   missing = [g for g in GROUPS if g not in learning_rates]
   if missing:
     raise ValueError(f"learning rates missing for group(s) {missing}")
-  transforms = {g: optax.adamw(float(learning_rates[g]), b1=b1, b2=b2, eps=eps,
+  transforms = {g: optax.adamw(lr_schedule(float(learning_rates[g]), schedule, warmup_steps,
+                                           total_steps), b1=b1, b2=b2, eps=eps,
                                weight_decay=weight_decay, mask=decay_mask)
                 for g in GROUPS}
   return optax.multi_transform(transforms, param_labels)
