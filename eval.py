@@ -4,7 +4,8 @@
                  [--sea-k 64 | --sea-k 16,32,64,128] [--seq-len 2048] [--batch-size B]
                  [--dtype float32|bfloat16] [--mesh data=8]
 
-Without --model it evaluates the bundled teacher and SEA student (offline). Progress goes to
+Without --model it evaluates the bundled teacher and SEA student (offline). --text-file PATH
+(repeatable) scores any UTF-8 text by the same window rule instead of WikiText-2. Progress goes to
 stderr; each evaluation prints one JSON line on stdout (the student's last).
 """
 from __future__ import annotations
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="compute dtype (default: float32)")
   p.add_argument("--mesh", help="device mesh, e.g. data=8 or data=2,fsdp=2,tensor=2 "
                                 "(default: all devices on data)")
+  p.add_argument("--text-file", action="append", metavar="PATH",
+                 help="perplexity of this UTF-8 text file instead of WikiText-2 (repeatable): "
+                      "non-overlapping windows of --seq-len from token 0, last partial window "
+                      "dropped, no special tokens")
   p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick checks)")
   p.add_argument("--data-source", choices=("auto", "hf", "bundled"), default="auto",
                  help="WikiText-2 from `datasets` (hf), the bundled raw files, or auto")

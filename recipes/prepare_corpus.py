@@ -73,6 +73,9 @@ def main(argv=None) -> int:
                  help="the Gutenberg corpus (default ../shared/data/gutenberg/...)")
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary (default 8192)")
+  p.add_argument("--max-train-chars", type=int, default=0,
+                 help="keep only the first N characters of the training books (0: all; for "
+                      "toy runs)")
   args = p.parse_args(argv)
   if args.vocab_size < 260:
     print("error: --vocab-size must be >= 260 (256 bytes + 4 special tokens)", file=sys.stderr)
@@ -85,6 +88,8 @@ def main(argv=None) -> int:
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   train, heldout = split_corpus(text)
+  if args.max_train_chars > 0:
+    train = train[:args.max_train_chars]
   meta = {"corpus_sha256": sha256(text), "train_chars": len(train), "heldout_chars": len(heldout),
           "train_sha256": sha256(train), "heldout_sha256": sha256(heldout),
           "heldout_books": list(HELDOUT_BOOKS), "vocab_size": args.vocab_size}

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 MODELS_DIR = Path(__file__).resolve().parent / "assets" / "models"
@@ -37,17 +39,24 @@ def unpack(archive: Path) -> Path:
   done = target / ".complete"
   if done.exists():
     return target
-  tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-  tmp.mkdir(parents=True, exist_ok=True)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
   try:
-    with tarfile.open(archive, "r:xz") as tar:
-      tar.extractall(tmp, filter="data")
-  except (tarfile.TarError, EOFError, OSError) as e:
-    raise BundleError(f"bundled model {archive} is damaged ({e}); reinstall sea-jax") from None
-  inner = [p for p in tmp.iterdir() if p.is_dir()]
-  folder = inner[0] if len(inner) == 1 and not (tmp / "config.json").exists() else tmp
-  folder.rename(target) if folder is not tmp else tmp.rename(target)
-  done.touch()
+    try:
+      with tarfile.open(archive, "r:xz") as tar:
+        tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as e:
+      raise BundleError(f"bundled model {archive} is damaged ({e}); reinstall sea-jax") from None
+    inner = [p for p in tmp.iterdir() if p.is_dir()]
+    folder = inner[0] if len(inner) == 1 and not (tmp / "config.json").exists() else tmp
+    (folder / ".complete").touch()
+    if target.exists():  # a half-unpacked copy of an interrupted run, or a concurrent winner
+      if (target / ".complete").exists():
+        return target
+      shutil.rmtree(target)
+    os.replace(folder, target)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
   return target
 
 

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from sea_jax.config import ConfigError, OPTConfig, SEAConfig, load_config
+from sea_jax.safe_write import DestinationError, atomic_folder, check_destination
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
@@ -275,10 +276,11 @@ def hf_to_model_folder(src: str, dst: str, *, attention: str = "dense", sea: SEA
     fresh = checkpoint.flatten(nnx.to_pure_dict(checkpoint.init_state(config)))
     for p in missing:
       flat[p] = np.asarray(fresh[p])
-  os.makedirs(dst, exist_ok=True)
-  checkpoint.save_params(checkpoint.unflatten(flat), dst)
-  checkpoint.write_config(config, dst)
-  copy_tokenizer(folder, dst)
+  with atomic_folder(dst) as tmp:
+    tmp = str(tmp)
+    checkpoint.save_params(checkpoint.unflatten(flat), tmp)
+    checkpoint.write_config(config, tmp)
+    copy_tokenizer(folder, tmp)
   return config
 
 
@@ -287,7 +289,6 @@ def model_folder_to_hf(src: str, dst: str) -> None:
 
   SEA modules have no Hugging Face counterpart and are left out (with a notice).
   """
-  from safetensors.numpy import save_file
   from sea_jax import checkpoint
   import flax.nnx as nnx
   if not checkpoint.is_model_folder(src):
@@ -298,7 +299,13 @@ def model_folder_to_hf(src: str, dst: str) -> None:
   if missing:
     raise ConvertError(f"{src} lacks {len(missing)} parameters, e.g. {checkpoint.path_str(missing[0])}")
   flat = checkpoint.flatten(restored)
-  os.makedirs(dst, exist_ok=True)
+  with atomic_folder(dst) as tmp:
+    _write_hf_folder(flat, config, src, str(tmp))
+
+
+def _write_hf_folder(flat: dict, config: OPTConfig, src: str, dst: str) -> None:
+  """The safetensors shards, index, config.json and tokenizer of `model_folder_to_hf`."""
+  from safetensors.numpy import save_file
   shards: list[dict[str, np.ndarray]] = [{}]
   size, skipped = 0, 0
   for path, value in flat.items():
@@ -352,15 +359,22 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                       help="storage dtype of the converted parameters")
   args = parser.parse_args(argv)
+  from sea_jax.checkpoint import CheckpointError
   try:
+    src_local = args.src if os.path.exists(args.src) else None
+    check_destination(args.dst, [src_local], "destination")
     if args.to_hf:
       model_folder_to_hf(args.src, args.dst)
     else:
       sea = SEAConfig(K=args.sea_K, k=args.sea_k, seed=args.seed)
       hf_to_model_folder(args.src, args.dst, attention=args.attention, sea=sea,
                          param_dtype=args.param_dtype)
-  except (ConvertError, ConfigError) as e:
+  except (ConvertError, ConfigError, CheckpointError, DestinationError) as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:
+    print(f"error: writing {args.dst} failed ({e.strerror or e}); nothing was written",
+          file=sys.stderr)
     return 2
   print(f"wrote {args.dst}", file=sys.stderr)
   return 0

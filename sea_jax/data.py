@@ -34,6 +34,34 @@ class DataUnavailableError(RuntimeError):
   """Data that is neither bundled nor reachable."""
 
 
+class TextFileError(ValueError):
+  """A text file that cannot be used: missing, unreadable, binary, not UTF-8 or empty."""
+
+
+def read_text_file(path: str | os.PathLike, what: str = "text file") -> str:
+  """The UTF-8 contents of `path`; TextFileError (one line) when missing, binary or empty."""
+  path = str(path)
+  if not os.path.exists(path):
+    raise TextFileError(f"{what} {path}: no such file")
+  if not os.path.isfile(path):
+    raise TextFileError(f"{what} {path}: not a regular file")
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise TextFileError(f"{what} {path}: cannot read it ({e.strerror})") from None
+  if b"\0" in raw:
+    raise TextFileError(f"{what} {path}: binary data (NUL bytes), not a text file")
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise TextFileError(f"{what} {path}: not UTF-8 text (invalid byte at offset {e.start})"
+                        ) from None
+  if not text.strip():
+    raise TextFileError(f"{what} {path}: the file is empty")
+  return text
+
+
 # ---------------------------------------------------------------------------- tokenizer
 
 
@@ -95,6 +123,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
     blob = json.dumps({"class": type(tokenizer).__name__, "vocab": tokenizer.get_vocab()},
                       sort_keys=True, ensure_ascii=False)
   return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+_OPT_FINGERPRINT: list[str] = []
+
+
+def tokenizer_name(tokenizer) -> str:
+  """A short name for JSON lines: "opt" for the bundled OPT vocabulary, else the tokenizer's
+  folder name, its size and the first 12 hex digits of `tokenizer_fingerprint`."""
+  fingerprint = tokenizer_fingerprint(tokenizer)
+  if not _OPT_FINGERPRINT:
+    _OPT_FINGERPRINT.append(tokenizer_fingerprint(bundled_tokenizer()))
+  if fingerprint == _OPT_FINGERPRINT[0]:
+    return "opt"
+  source = os.path.basename(os.path.normpath(str(getattr(tokenizer, "name_or_path", "") or "")))
+  return f"{source or type(tokenizer).__name__} ({len(tokenizer)} tokens, {fingerprint[:12]})"
 
 
 # ---------------------------------------------------------------------------- WikiText-2
@@ -284,7 +327,7 @@ def _read_texts(paths: list[str], wikitext_raw: bool) -> list[str]:
   for path in paths:
     if not Path(path).is_file():
       raise FileNotFoundError(f"training text not found: {path}")
-  texts = [Path(path).read_text(encoding="utf-8") for path in paths]
+  texts = [read_text_file(path, "training text") for path in paths]
   if wikitext_raw:
     texts = ["\n\n".join(raw_rows(text)) for text in texts]
   return texts

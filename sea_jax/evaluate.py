@@ -150,6 +150,40 @@ def _overrides(args) -> dict:
   return over
 
 
+def check_args(args) -> None:
+  """Flag checks that need no model (fail fast, before anything is loaded)."""
+  if args.batch_size is not None and args.batch_size < 1:
+    raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+  if args.max_windows is not None and args.max_windows < 1:
+    raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
+  if args.seq_len is not None and args.seq_len < 2:
+    raise ValueError(f"--seq-len must be at least 2, got {args.seq_len}")
+  if args.sea_K is not None and (args.sea_K < 4 or args.sea_K % 4):
+    raise ValueError(f"--sea-K must be a positive multiple of 4, got {args.sea_K}")
+  for path in args.text_file or ():
+    read_text_file(path)
+
+
+def read_text_file(path: str) -> str:
+  """--text-file's contents (`data.read_text_file`)."""
+  from sea_jax.data import read_text_file as read
+  return read(path, "--text-file")
+
+
+def _sources(args) -> list[tuple[str, str | None]]:
+  """(name, path) of each text to score: the protocol's WikiText-2 split, or the text files."""
+  if args.text_file:
+    return [(path, path) for path in args.text_file]
+  return [(args.protocol, None)]
+
+
+def _source_tokens(tokenizer, args, path: str | None):
+  from sea_jax import data
+  if path is None:
+    return data.protocol_tokens(tokenizer, args.protocol, source=args.data_source)
+  return data.encode(tokenizer, read_text_file(path))
+
+
 def run_eval(args) -> int:
   """eval.py's body: evaluates each model (and each k) and prints one JSON line per run."""
   import json
@@ -160,6 +194,7 @@ def run_eval(args) -> int:
   user_errors = (ConfigError, CheckpointError, ConvertError, shd.MeshError, ValueError,
                  FileNotFoundError, data.DataUnavailableError)
   try:
+    check_args(args)
     ks = parse_k_list(args.sea_k)
     paths = args.model or bundle.bundled_model_paths()
     mesh = shd.make_mesh(args.mesh)
@@ -171,34 +206,48 @@ def run_eval(args) -> int:
       if seq_len > cfg.max_position_embeddings:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
                           f"{cfg.max_position_embeddings}")
-      if seq_len < 2:
-        raise ConfigError(f"--seq-len must be at least 2, got {seq_len}")
-      tokenizer = data.load_tokenizer(path if os.path.isdir(path) else None)
-      key = f"{data.tokenizer_fingerprint(tokenizer)}:{args.protocol}:{args.data_source}"
-      if key not in token_cache:
-        token_cache[key] = data.protocol_tokens(tokenizer, args.protocol, source=args.data_source)
-      tokens = token_cache[key]
-      if int(tokens.max()) >= cfg.vocab_size:
-        raise ConfigError(f"the tokenizer produces ids up to {int(tokens.max())} but the model's "
-                          f"vocab_size is {cfg.vocab_size}: tokenizer and model do not match")
-      windows = window_slice(data.eval_windows(tokens, seq_len), args.max_windows)
-      per_step = math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
-      batch_size = args.batch_size or per_step
+      if cfg.attention != "sea" and args.sea_k is not None:
+        print(f"note: --sea-k has no effect on {cfg.attention} attention ({path})",
+              file=sys.stderr)
       for k in ks:
-        if cfg.attention != "sea" and k is not None and len(ks) > 1:
-          print(f"note: --sea-k has no effect on {cfg.attention} attention", file=sys.stderr)
-        result = perplexity(model, windows, batch_size=batch_size, mesh=mesh, sea_k=k,
-                            progress=not args.no_progress,
-                            desc=f"{os.path.basename(os.path.normpath(path))} {cfg.attention}")
-        sea_k = (k if k is not None else cfg.sea.k) if cfg.attention == "sea" else None
-        line = summary(result, model=path, protocol=args.protocol,
-                       split=data.PROTOCOLS[args.protocol].split, seq_len=seq_len,
-                       tokens=int(tokens.size), windows=int(windows.shape[0]),
-                       attention=cfg.attention, sea_k=sea_k,
-                       sea_K=cfg.sea.K if cfg.attention == "sea" else None,
-                       dtype=cfg.dtype, batch_size=batch_size, devices=len(mesh.devices.flat),
-                       backend=jax.default_backend())
-        print(json.dumps(line), flush=True)
+        if cfg.attention == "sea" and k is not None and k >= seq_len:
+          print(f"note: --sea-k {k} >= --seq-len {seq_len}: every visible key is kept",
+                file=sys.stderr)
+      tokenizer = data.load_tokenizer(path if os.path.isdir(path) else None)
+      tok_name = data.tokenizer_name(tokenizer)
+      for source, text_path in _sources(args):
+        key = f"{data.tokenizer_fingerprint(tokenizer)}:{source}:{args.data_source}"
+        if key not in token_cache:
+          token_cache[key] = _source_tokens(tokenizer, args, text_path)
+        tokens = token_cache[key]
+        if tokens.size and int(tokens.max()) >= cfg.vocab_size:
+          raise ConfigError(f"the tokenizer produces ids up to {int(tokens.max())} but the "
+                            f"model's vocab_size is {cfg.vocab_size}: tokenizer and model do "
+                            "not match")
+        if tokens.size < seq_len:
+          what = f"--text-file {text_path}" if text_path else f"the {source} split"
+          raise ValueError(f"{what} has {tokens.size} tokens, shorter than one window of "
+                           f"--seq-len {seq_len}")
+        windows = window_slice(data.eval_windows(tokens, seq_len), args.max_windows)
+        per_step = math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
+        batch_size = args.batch_size or per_step
+        if text_path is None:
+          where = dict(protocol=args.protocol, split=data.PROTOCOLS[args.protocol].split,
+                       text=None)
+        else:
+          where = dict(protocol="text-file", split=None, text=text_path)
+        for k in ks:
+          result = perplexity(model, windows, batch_size=batch_size, mesh=mesh, sea_k=k,
+                              progress=not args.no_progress,
+                              desc=f"{os.path.basename(os.path.normpath(path))} {cfg.attention}")
+          sea_k = (k if k is not None else cfg.sea.k) if cfg.attention == "sea" else None
+          line = summary(result, model=path, **where, tokenizer=tok_name, seq_len=seq_len,
+                         tokens=int(tokens.size), windows=int(windows.shape[0]),
+                         attention=cfg.attention, sea_k=sea_k,
+                         sea_K=cfg.sea.K if cfg.attention == "sea" else None,
+                         dtype=cfg.dtype, batch_size=batch_size, devices=len(mesh.devices.flat),
+                         backend=jax.default_backend())
+          print(json.dumps(line), flush=True)
   except user_errors as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -77,12 +77,13 @@ def _map_terms(log_a, a, log_p, visible, row_w):
   return _sum(kl * row_w), _sum(jnp.square(p - a) * row_w)
 
 
-def _block_sums(kt, ks, key_real, qt, qs, est, rows, row_w, *, K):
+def _block_sums(kt, ks, key_real, qt, qs, est, mask, rows, row_w, *, K):
   """Loss sums over one block of query rows.
 
   kt, ks: (N,H,T,d) keys; key_real: (N,T) bool or None; qt, qs: (N,H,B,d) queries (pre-scaled);
-  est: (N,H,B,K) or None; rows: (B,) query indices; row_w: (N,B) 1.0 for counted rows.
-  -> (4,) fp32: [KL est, SE est, KL prob, SE prob] sums over the block.
+  est: (N,H,B,K) or None; mask: the student's compressed mask (N,H,B,K) bool or None;
+  rows: (B,) query indices; row_w: (N,B) 1.0 for counted rows.
+  -> (5,) fp32: [KL est, SE est, KL prob, SE prob, teacher mass on kept keys] sums over the block.
   """
   T = kt.shape[2]
   visible = (jnp.arange(T)[None, :] <= rows[:, None])[None, None]  # (1,1,B,T)
@@ -97,7 +98,12 @@ def _block_sums(kt, ks, key_real, qt, qs, est, rows, row_w, *, K):
   else:
     e_up = _expand_est(est, rows, T, K)
     kl_e, se_e = _map_terms(log_a, a, _masked_log_softmax(e_up, visible), visible, w)
-  return jnp.stack([kl_e, se_e, kl_p, se_p])
+  if mask is None:
+    kept = jnp.zeros((), jnp.float32)
+  else:  # a diagnostic, no gradient: how much of the teacher's attention the kept keys hold
+    kept_keys = _expand_est(mask, rows, T, K) & visible
+    kept = jax.lax.stop_gradient(_sum(jnp.where(kept_keys, a, 0.0) * w))
+  return jnp.stack([kl_e, se_e, kl_p, se_p, kept])
 
 
 def _layer_inputs(teacher_aux, student_aux, K, key_mask):
@@ -112,6 +118,9 @@ def _layer_inputs(teacher_aux, student_aux, K, key_mask):
     est = _f32(est)
     if est.shape != qs.shape[:3] + (K,):
       raise ValueError(f"est_logits shape {est.shape}, expected {qs.shape[:3] + (K,)} (K={K})")
+  mask = student_aux.get("compressed_mask")
+  if mask is not None and mask.shape != qs.shape[:3] + (K,):
+    raise ValueError(f"compressed_mask shape {mask.shape}, expected {qs.shape[:3] + (K,)}")
   N, _, T, _ = qs.shape
   if key_mask is None:
     key_real, row_w = None, jnp.ones((N, T), jnp.float32)
@@ -120,7 +129,7 @@ def _layer_inputs(teacher_aux, student_aux, K, key_mask):
     if key_real.shape != (N, T):
       raise ValueError(f"key_mask shape {key_real.shape}, expected {(N, T)}")
     row_w = key_real.astype(jnp.float32)
-  return qt, kt, qs, ks, est, key_real, row_w
+  return qt, kt, qs, ks, est, mask, key_real, row_w
 
 
 def _finish(sums, teacher_aux, student_aux, row_w, H, T):
@@ -135,7 +144,10 @@ def _finish(sums, teacher_aux, student_aux, row_w, H, T):
   context = _sum(jnp.square(cs - ct) * w) / (rows * ct.shape[-1])
   approx = KL_WEIGHT * kl_e + se_e
   prob = KL_WEIGHT * kl_p + se_p
-  return {"approx": approx, "prob": prob, "context": context, "total": approx + prob + context}
+  out = {"approx": approx, "prob": prob, "context": context, "total": approx + prob + context}
+  if "compressed_mask" in student_aux:
+    out["coverage"] = sums[4] / rows  # mean over rows of the teacher's mass on kept keys
+  return out
 
 
 def attention_layer_loss(teacher_aux: Mapping[str, jax.Array], student_aux: Mapping[str, jax.Array],
@@ -146,8 +158,11 @@ def attention_layer_loss(teacher_aux: Mapping[str, jax.Array], student_aux: Mapp
   teacher_aux: "q", "k", "context" (N,H,T,d), q pre-scaled; student_aux: the same plus
   "est_logits" (N,H,T,K) (absent: approx = 0, e.g. a dense student layer). key_mask: (N,T) bool.
   T need not be a multiple of query_block: padded rows are left out of every sum.
+  With "compressed_mask" (N,H,T,K) in student_aux the dict also holds "coverage": the mean over
+  rows of the teacher's attention mass on the keys SEA kept (a diagnostic, no gradient).
   """
-  qt, kt, qs, ks, est, key_real, row_w = _layer_inputs(teacher_aux, student_aux, K, key_mask)
+  qt, kt, qs, ks, est, mask, key_real, row_w = _layer_inputs(teacher_aux, student_aux, K,
+                                                             key_mask)
   N, H, T, _ = qs.shape
   B = max(1, min(query_block, T))
   nb = -(-T // B)
@@ -160,15 +175,16 @@ def attention_layer_loss(teacher_aux: Mapping[str, jax.Array], student_aux: Mapp
   rows = jnp.arange(nb * B, dtype=jnp.int32).reshape(nb, B)
   w_blocks = jnp.moveaxis(jnp.pad(row_w, [(0, 0), (0, pad)]).reshape(N, nb, B), 1, 0)
   est_blocks = None if est is None else blocks(est)
+  mask_blocks = None if mask is None else blocks(mask)
   block_fn = jax.checkpoint(functools.partial(_block_sums, K=K))
 
   def body(acc, xs):
-    qt_b, qs_b, est_b, rows_b, w_b = xs
-    return acc + block_fn(kt, ks, key_real, qt_b, qs_b, est_b, rows_b, w_b), None
+    qt_b, qs_b, est_b, mask_b, rows_b, w_b = xs
+    return acc + block_fn(kt, ks, key_real, qt_b, qs_b, est_b, mask_b, rows_b, w_b), None
 
   with jax.named_scope("attention_layer_loss"):
-    xs = (blocks(qt), blocks(qs), est_blocks, rows, w_blocks)
-    sums, _ = jax.lax.scan(body, jnp.zeros((4,), jnp.float32), xs)
+    xs = (blocks(qt), blocks(qs), est_blocks, mask_blocks, rows, w_blocks)
+    sums, _ = jax.lax.scan(body, jnp.zeros((5,), jnp.float32), xs)
     return _finish(sums, teacher_aux, student_aux, row_w, H, T)
 
 
@@ -176,10 +192,11 @@ def dense_attention_layer_loss(teacher_aux: Mapping[str, jax.Array],
                                student_aux: Mapping[str, jax.Array], *, K: int,
                                key_mask: jax.Array | None = None) -> dict[str, jax.Array]:
   """`attention_layer_loss` computed with whole (N,H,T,T) maps (reference; O(T^2) memory)."""
-  qt, kt, qs, ks, est, key_real, row_w = _layer_inputs(teacher_aux, student_aux, K, key_mask)
+  qt, kt, qs, ks, est, mask, key_real, row_w = _layer_inputs(teacher_aux, student_aux, K,
+                                                             key_mask)
   _, H, T, _ = qs.shape
   rows = jnp.arange(T, dtype=jnp.int32)
-  sums = _block_sums(kt, ks, key_real, qt, qs, est, rows, row_w, K=K)
+  sums = _block_sums(kt, ks, key_real, qt, qs, est, mask, rows, row_w, K=K)
   return _finish(sums, teacher_aux, student_aux, row_w, H, T)
 
 
@@ -278,4 +295,23 @@ def distillation_loss(teacher_out: Any, student_out: Any, targets: jax.Array, *,
            + weights.layer * layer["total"])
   terms = {"ce": ce, "hidden": hidden, "kl": kl, "layer": layer["total"], "approx": layer["approx"],
            "prob": layer["prob"], "context": layer["context"], "total": total}
+  terms.update(layer_diagnostics(per_layer, s_aux, key_mask))
   return total, terms
+
+
+def layer_diagnostics(per_layer: Sequence[Mapping[str, jax.Array]],
+                      student_aux: Sequence[Mapping[str, jax.Array]],
+                      key_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+  """Per-layer diagnostics (no gradient): "coverage_{i}" (teacher mass on kept keys),
+  "s_prob_{i}", "s_mix_{i}" (gate means over real tokens and heads) for each SEA layer i."""
+  out = {}
+  for i, (losses_i, aux) in enumerate(zip(per_layer, student_aux)):
+    if "coverage" in losses_i:
+      out[f"coverage_{i}"] = losses_i["coverage"]
+    for gate in ("s_prob", "s_mix"):
+      if gate in aux:
+        g = jax.lax.stop_gradient(_f32(aux[gate]))  # (N,H,T)
+        w = (jnp.ones((g.shape[0], g.shape[2]), jnp.float32) if key_mask is None
+             else jnp.asarray(key_mask, bool).astype(jnp.float32))
+        out[f"{gate}_{i}"] = _sum(g * w[:, None, :]) / jnp.maximum(g.shape[1] * _sum(w), 1.0)
+  return out

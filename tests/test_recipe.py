@@ -12,19 +12,35 @@ from conftest import REPO
 from sea_jax import bundle
 
 
+CORPUS = os.path.join(REPO, "..", "shared", "data", "gutenberg", "gutenberg_40books.txt")
+
+
+@pytest.mark.skipif(not os.path.isfile(CORPUS),
+                    reason="the recipe's held-out split needs ../shared/data/gutenberg")
 def test_recipe_stages_run_end_to_end_at_toy_size(tmp_path):
-  env = dict(os.environ, TOY="1", OUT=str(tmp_path / "small"))
+  env = dict(os.environ, TOY="1", OUT=str(tmp_path / "small"), CORPUS=CORPUS)
   env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
   proc = subprocess.run(["bash", "recipes/small_sea.sh"], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = tmp_path / "small" / "results"
-  sweep = [json.loads(l) for l in open(results / "sea_sweep.jsonl")]
-  assert [l["sea_k"] for l in sweep] == [1, 2, 4, 8, 16]
-  assert json.loads(open(results / "performer.jsonl").read().splitlines()[-1])["attention"] == "performer"
-  table = (tmp_path / "small" / "RESULTS.md").read_text()
-  assert "dense teacher" in table and "Performer" in table
-  assert (tmp_path / "small" / "k_sweep.png").stat().st_size > 1000
+  for text in ("heldout", "wikitext"):
+    sweep = [json.loads(l) for l in open(results / f"sea_sweep_{text}.jsonl")]
+    assert [l["sea_k"] for l in sweep] == [1, 2, 4, 8, 64]
+    performer = json.loads(open(results / f"performer_{text}.jsonl").read().splitlines()[-1])
+    assert performer["attention"] == "performer"
+  held = json.loads(open(results / "teacher_heldout.jsonl").read())
+  assert held["protocol"] == "text-file" and held["text"].endswith("heldout.txt")
+  assert held["tokenizer"] != "opt"  # the recipe's own BPE
+  split = json.loads((tmp_path / "small" / "data" / "split.json").read_text())
+  assert split["heldout_books"][0] == "Wells_The_Time_Machine"
+  train = (tmp_path / "small" / "data" / "train.txt").read_text()
+  assert "The Time Machine\n\n\nAn Invention" not in train
+  report = tmp_path / "small" / "report"
+  table = (report / "results.md").read_text()
+  assert "dense teacher" in table and "Performer" in table and "coverage" in table
+  for png in ("k_sweep.png", "distillation.png"):
+    assert (report / png).stat().st_size > 1000
   # each stage resumes: re-running the finished recipe trains nothing more
   metrics = (tmp_path / "small" / "sea" / "metrics.jsonl").read_text()
   again = subprocess.run(["bash", "recipes/small_sea.sh"], cwd=REPO, env=env,
@@ -50,3 +66,5 @@ def test_bundled_models_evaluate_on_a_wikitext_slice(tmp_path):
   assert [l["attention"] for l in lines] == ["dense", "sea"]
   assert all(1.0 < l["perplexity"] < 1e5 for l in lines)
   assert lines[-1]["sea_k"] is not None
+  leftovers = [p.name for p in (tmp_path / "cache" / "bundled").iterdir() if "tmp" in p.name]
+  assert not leftovers, f"unpacking left temporary folders behind: {leftovers}"

@@ -45,13 +45,18 @@ def test_two_processes_match_single_process(shared, tmp_path):
     assert relative_error(g["loss"], w["loss"]) < 1e-5, (g["step"], g["loss"], w["loss"])
   a, b = ts.final_params(out), ts.final_params(reference)
   assert a.keys() == b.keys()
+  # The two runs reduce gradients in a different order (gloo across processes vs one process),
+  # so they differ by float32 rounding, which Adam can blow up to a full step of size lr on a
+  # parameter whose gradient is ~0 (an Adam step is at most ~lr per element here: |m̂/√v̂| <= 1
+  # for these few steps). What the arithmetic guarantees, on any processor:
+  #  - the whole parameter vector agrees to float32 rounding relative to its norm, and
+  #  - no element differs by more than two Adam steps per optimizer step of its group.
   flat_a = np.concatenate([a[k].ravel() for k in sorted(a)])
   flat_b = np.concatenate([b[k].ravel() for k in sorted(b)])
   assert relative_error(flat_a, flat_b) < 1e-5
+  steps = 4
   for key in a:
-    if key.endswith("cnn.project.bias"):
-      # Its true gradient is exactly 0 (a per-channel constant the next LayerNorm removes), so
-      # Adam turns the collectives' rounding noise into +-lr steps; it counts in the global check.
-      continue
-    assert relative_error(a[key], b[key]) < 1e-5, key
+    lr = 1e-3 if ".core." in f".{key}." else 1e-4  # --lr-sea / --lr-pretrained of distill_args
+    diff = float(np.max(np.abs(np.asarray(a[key], np.float64) - np.asarray(b[key], np.float64))))
+    assert diff <= 2 * lr * steps, (key, diff)
   assert ts.checkpoint_steps(out) == [2, 4]

@@ -261,11 +261,11 @@ def main(argv: list[str] | None = None) -> int:
   from sea_jax.checkpoint import CheckpointError
   from sea_jax.config import ConfigError
   from sea_jax.convert import ConvertError
-  from sea_jax.data import DataUnavailableError
+  from sea_jax.data import DataUnavailableError, TextFileError
   from sea_jax.sharding import MeshError
   from sea_jax.training.metrics import NonFiniteLossError
   user_errors = (TrainError, ConfigError, CheckpointError, ConvertError, MeshError,
-                 DataUnavailableError, FileNotFoundError)
+                 DataUnavailableError, TextFileError, FileNotFoundError, PermissionError)
   try:
     check_flags(args)
     from sea_jax.training import distributed

@@ -82,14 +82,22 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def check_and_write_config(args, plan: Plan, mesh, out: str, has_checkpoints: bool,
-                           is_writer: bool) -> None:
-  """Refuses to resume with different essentials; writes OUT/train_config.json."""
+def check_config(plan: Plan, out: str, has_checkpoints: bool) -> None:
+  """Refuses to resume with settings other than the run's (OUT/train_config.json)."""
   path = os.path.join(out, CONFIG_FILE)
   if has_checkpoints and os.path.isfile(path):
-    with open(path) as f:
-      saved = json.load(f).get("essential", {})
+    try:
+      with open(path) as f:
+        saved = json.load(f).get("essential", {})
+    except (OSError, ValueError, AttributeError) as e:
+      raise TrainError(f"cannot read {path} ({e}); it records the run's settings: restore it "
+                       "or use another --out") from None
     check_same_essentials(saved, plan.essential, path)
+
+
+def write_config(args, plan: Plan, mesh, out: str, is_writer: bool) -> None:
+  """Writes OUT/train_config.json (atomically), once the run's settings are accepted."""
+  path = os.path.join(out, CONFIG_FILE)
   if is_writer:
     _write_json(path, {
         "args": vars(args), "essential": plan.essential,
@@ -100,6 +108,17 @@ def check_and_write_config(args, plan: Plan, mesh, out: str, has_checkpoints: bo
         "mesh": dict(mesh.shape), "devices": jax.device_count(),
         "processes": jax.process_count(), "backend": jax.default_backend(),
         "jax": jax.__version__})
+
+
+def check_out_dir(out: str) -> None:
+  """--out is a folder (or absent) we can write in, checked before any work."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise TrainError(f"--out {out} exists and is not a folder")
+  parent = out if os.path.isdir(out) else os.path.dirname(out) or "."
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent) or "."
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    raise TrainError(f"--out {out}: {parent} is not writable")
 
 
 def load_tokens(args, plan: Plan, out: str, vocab_size: int, is_writer: bool) -> np.ndarray:
@@ -139,11 +158,25 @@ class Runner:
     except ValueError as e:
       raise TrainError(str(e)) from None
     plan = make_plan(args, dict(mesh.shape))
+    created = not os.path.exists(self.out)
+    self.started = False
+    try:
+      return self._run(plan, mesh)
+    except BaseException:
+      # A start that failed before training began leaves no new folder behind.
+      if created and not self.started and self.is_writer and os.path.isdir(self.out):
+        import shutil
+        shutil.rmtree(self.out, ignore_errors=True)
+      raise
+
+  def _run(self, plan: Plan, mesh) -> int:
+    args = self.args
     spec = plan.spec
+    check_out_dir(self.out)
     os.makedirs(self.out, exist_ok=True)
     ckpt = TrainCheckpointer(os.path.join(self.out, "checkpoints"), args.keep,
                              is_writer=self.is_writer)
-    check_and_write_config(args, plan, mesh, self.out, bool(ckpt.steps()), self.is_writer)
+    check_config(plan, self.out, bool(ckpt.steps()))
 
     tokens = load_tokens(args, plan, self.out, plan.student.vocab_size, self.is_writer)
     try:
@@ -166,6 +199,11 @@ class Runner:
       teacher_state = {"params": tp, "rest": tr}
 
     state, start = self._restore_or_init(ckpt, plan, student, tx, mesh, opt_sh, sampler)
+    if start >= args.steps:
+      self.log(f"note: the run in {self.out} is already at step {start}; --steps "
+               f"{args.steps} asks for no more training (pass a larger --steps to continue)")
+    write_config(args, plan, mesh, self.out, self.is_writer)
+    self.started = True
     metrics_log = MetricsLog(os.path.join(self.out, "metrics.jsonl"), resume_step=start,
                              is_writer=self.is_writer)
     stop = StopFlag().install()

@@ -1,0 +1,73 @@
+"""Writing output folders without ever damaging what the user already has.
+
+`check_destination` runs before any work: the destination is absent or an empty folder, is not
+(inside) a source, and its parent is writable. `atomic_folder` writes into a temporary sibling
+and renames it into place only when everything succeeded, so an interrupted or failed write
+leaves the old state (nothing, or the empty folder) as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+
+class DestinationError(ValueError):
+  """An output path that cannot be written safely (one line for the user)."""
+
+
+def _inside(child: Path, parent: Path) -> bool:
+  return child == parent or parent in child.parents
+
+
+def check_destination(dst: str | os.PathLike, sources: Sequence[str | os.PathLike] = (),
+                      what: str = "output folder", min_free_bytes: int = 0) -> Path:
+  """Checks `dst` before any work; returns its absolute path. DestinationError when it exists
+  and is a file or a non-empty folder, is or overlaps a source, or cannot be written."""
+  dst = Path(os.path.abspath(dst))
+  for src in sources:
+    if src is None or not os.path.exists(src):
+      continue
+    src = Path(os.path.realpath(src))
+    real = Path(os.path.realpath(dst))
+    if _inside(real, src) or _inside(src, real):
+      raise DestinationError(f"{what} {dst} is the source {src} or overlaps it; choose "
+                             "another folder")
+  if dst.exists():
+    if not dst.is_dir():
+      raise DestinationError(f"{what} {dst} exists and is not a folder")
+    if any(dst.iterdir()):
+      raise DestinationError(f"{what} {dst} already exists and is not empty; choose a new "
+                             "folder (nothing was written)")
+  parent = dst.parent
+  while not parent.exists():
+    parent = parent.parent
+  if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    raise DestinationError(f"{what} {dst}: {parent} is not writable")
+  if min_free_bytes:
+    free = shutil.disk_usage(parent).free
+    if free < min_free_bytes:
+      raise DestinationError(f"{what} {dst}: {free / 2**20:.0f} MiB free on its disk, about "
+                             f"{min_free_bytes / 2**20:.0f} MiB needed")
+  return dst
+
+
+@contextlib.contextmanager
+def atomic_folder(dst: str | os.PathLike) -> Iterator[Path]:
+  """Yields a temporary sibling folder of `dst`; renames it to `dst` when the block succeeds,
+  removes it when the block fails (`dst`, absent or an empty folder, is left as it was)."""
+  dst = Path(os.path.abspath(dst))
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
+  try:
+    yield tmp
+    os.chmod(tmp, 0o755)
+    if dst.is_dir() and not any(dst.iterdir()):
+      dst.rmdir()
+    os.rename(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
