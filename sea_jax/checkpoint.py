@@ -36,6 +36,18 @@ class CheckpointError(RuntimeError):
   """A checkpoint that is missing, corrupt or does not fit the model."""
 
 
+def _reason(e: Exception) -> str:
+  """A readable first line of an Orbax / TensorStore error, or just its type."""
+  line = str(e).splitlines()[0].strip() if str(e).strip() else ""
+  if not line or "pybind11" in line or "object at 0x" in line or "NoneType" in line:
+    return type(e).__name__
+  return line[:200]
+
+
+CORRUPT_HINT = ("its files are damaged or incomplete: convert or export the model again (a "
+                "training run can re-export it from its checkpoints)")
+
+
 def is_model_folder(path: str) -> bool:
   return os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.isfile(os.path.join(path, "config.json"))
 
@@ -104,7 +116,8 @@ def restore_params(folder: str, abstract: nnx.State, mesh: Mesh | None) -> tuple
     meta = ocp.StandardCheckpointer().metadata(path)
     saved_tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
   except Exception as e:  # noqa: BLE001 - Orbax raises many kinds here
-    raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    raise CheckpointError(f"cannot read the checkpoint {path} ({_reason(e)}); "
+                          f"{CORRUPT_HINT}") from None
   saved = {tuple(str(k) for k in p): v for p, v in flatten(dict(saved_tree)).items()}
   want = flatten(nnx.to_pure_dict(abstract))
   shardings = (flatten(nnx.to_pure_dict(shd.state_shardings(abstract, mesh))) if mesh is not None
@@ -127,8 +140,8 @@ def restore_params(folder: str, abstract: nnx.State, mesh: Mesh | None) -> tuple
         path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
                                           partial_restore=True))
   except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"checkpoint {path} is corrupt or incomplete: "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    raise CheckpointError(f"the checkpoint {path} cannot be restored ({_reason(e)}); "
+                          f"{CORRUPT_HINT}") from None
   return restored, missing
 
 

@@ -170,6 +170,19 @@ def read_text_file(path: str) -> str:
   return read(path, "--text-file")
 
 
+def check_sea_K(path: str, sea_K: int | None) -> None:
+  """--sea-K only shapes fresh SEA modules: a SEA student keeps the K it was trained with."""
+  from sea_jax import checkpoint
+  from sea_jax.config import ConfigError, load_config
+  if sea_K is None or not checkpoint.is_model_folder(path):
+    return
+  cfg = load_config(path)
+  if cfg.attention == "sea" and cfg.sea.K != sea_K:
+    raise ConfigError(f"{path} is a SEA student trained with K = {cfg.sea.K}; --sea-K {sea_K} "
+                      "applies only to fresh SEA modules on a dense model (use --sea-k to "
+                      "change k at inference)")
+
+
 def _sources(args) -> list[tuple[str, str | None]]:
   """(name, path) of each text to score: the protocol's WikiText-2 split, or the text files."""
   if args.text_file:
@@ -200,6 +213,7 @@ def run_eval(args) -> int:
     mesh = shd.make_mesh(args.mesh)
     token_cache: dict[str, np.ndarray] = {}
     for path in paths:
+      check_sea_K(path, args.sea_K)
       model = checkpoint.load_pretrained(path, mesh, **_overrides(args))
       cfg = model.config
       seq_len = args.seq_len or min(cfg.max_position_embeddings, 2048)

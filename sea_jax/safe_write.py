@@ -55,6 +55,19 @@ def check_destination(dst: str | os.PathLike, sources: Sequence[str | os.PathLik
   return dst
 
 
+def check_writable_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+  """`path` is a folder we may write files into, or can be created: DestinationError if not."""
+  path = Path(os.path.abspath(path))
+  if path.exists() and not path.is_dir():
+    raise DestinationError(f"{what} {path} exists and is not a folder")
+  probe = path
+  while not probe.exists():
+    probe = probe.parent
+  if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+    raise DestinationError(f"{what} {path}: {probe} is not writable")
+  return path
+
+
 @contextlib.contextmanager
 def atomic_folder(dst: str | os.PathLike) -> Iterator[Path]:
   """Yields a temporary sibling folder of `dst`; renames it to `dst` when the block succeeds,

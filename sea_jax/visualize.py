@@ -343,6 +343,11 @@ def _plan(args):
   None for the per-layer default).
   """
   import dataclasses
+  from sea_jax.safe_write import DestinationError, check_writable_folder
+  try:
+    check_writable_folder(args.out, "--out")
+  except DestinationError as e:
+    raise VisualizeError(str(e)) from None
   if args.sea_k is not None and args.sea_k < 1:
     raise VisualizeError(f"--sea-k must be >= 1, got {args.sea_k}")
   if not 1 <= args.max_tokens <= MAX_TOKENS_CAP:

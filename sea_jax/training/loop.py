@@ -112,13 +112,11 @@ def write_config(args, plan: Plan, mesh, out: str, is_writer: bool) -> None:
 
 def check_out_dir(out: str) -> None:
   """--out is a folder (or absent) we can write in, checked before any work."""
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise TrainError(f"--out {out} exists and is not a folder")
-  parent = out if os.path.isdir(out) else os.path.dirname(out) or "."
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent) or "."
-  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-    raise TrainError(f"--out {out}: {parent} is not writable")
+  from sea_jax.safe_write import DestinationError, check_writable_folder
+  try:
+    check_writable_folder(out, "--out")
+  except DestinationError as e:
+    raise TrainError(str(e)) from None
 
 
 def load_tokens(args, plan: Plan, out: str, vocab_size: int, is_writer: bool) -> np.ndarray:
