@@ -221,4 +221,4 @@ def test_refused_resume_keeps_the_runs_record(tmp_path):
              1, "--d-model", 16, "--heads", 2, "--steps", 1, "--seq-len", 8, "--batch-size", 1,
              "--save-every", 1, "--no-progress")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "already at step 2" in proc.stderr
+  assert "already at step 2, past --steps 1" in proc.stderr

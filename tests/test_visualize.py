@@ -81,7 +81,9 @@ def test_maps_and_render_in_process(run, tmp_path):
     want = np.asarray(expand_mask(m["compressed_mask"][None], T))[0]
     np.testing.assert_array_equal(m["mask"], want)
     np.testing.assert_allclose(m["teacher"].sum(-1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(m["estimate"].sum(-1), 1.0, rtol=1e-5)
+    est_sum = m["estimate"].sum(-1)  # Â is not renormalised: rows with empty bins sum below 1
+    np.testing.assert_allclose(est_sum[:, 15:], 1.0, rtol=1e-5)  # K = 16: no empty bins there
+    assert (est_sum[:, :15] <= 1.0 + 1e-5).all()
     assert ((0 <= m["coverage"]) & (m["coverage"] <= 1 + 1e-6)).all()
   drawn = render(maps[1], 1, 3, str(tmp_path), k=4, K=16, save_arrays=True)
   for kind, name in drawn["files"].items():

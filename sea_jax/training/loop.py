@@ -197,9 +197,11 @@ class Runner:
       teacher_state = {"params": tp, "rest": tr}
 
     state, start = self._restore_or_init(ckpt, plan, student, tx, mesh, opt_sh, sampler)
-    if start >= args.steps:
-      self.log(f"note: the run in {self.out} is already at step {start}; --steps "
-               f"{args.steps} asks for no more training (pass a larger --steps to continue)")
+    if start > args.steps:
+      self.log(f"note: the run in {self.out} is already at step {start}, past --steps "
+               f"{args.steps}: nothing to train (pass a larger --steps to continue)")
+    elif start == args.steps:
+      self.log(f"note: the run in {self.out} is already complete ({start} steps)")
     write_config(args, plan, mesh, self.out, self.is_writer)
     self.started = True
     metrics_log = MetricsLog(os.path.join(self.out, "metrics.jsonl"), resume_step=start,
