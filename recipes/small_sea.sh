@@ -65,9 +65,14 @@ python train.py --teacher "$OUT/teacher/final" --out "$OUT/performer" --steps "$
 echo "== 4/4 perplexity: held-out books and WikiText-2 validation" >&2
 for text in heldout wikitext; do
   if [[ $text == heldout ]]; then SRC=(--text-file "$DATA/heldout.txt"); else SRC=(--protocol sea); fi
-  run() { local name=$1; shift
-          [[ -s "$R/${name}_$text.jsonl" ]] || python eval.py "$@" "${SRC[@]}" "${EVAL[@]}" \
-            > "$R/${name}_$text.jsonl.tmp" && mv -f "$R/${name}_$text.jsonl.tmp" "$R/${name}_$text.jsonl"; }
+  run() {  # one result file per (model, text); a finished one is not redone
+    local name=$1 dst; shift
+    dst="$R/${name}_$text.jsonl"
+    if [[ ! -s "$dst" ]]; then
+      python eval.py "$@" "${SRC[@]}" "${EVAL[@]}" > "$dst.tmp"
+      mv -f "$dst.tmp" "$dst"
+    fi
+  }
   run teacher --model "$OUT/teacher/final"
   run untrained_performer --model "$OUT/teacher/final" --attention performer
   run untrained_sea --model "$OUT/teacher/final" --attention sea --sea-K "$SEA_K" --sea-k "$SEA_k"
