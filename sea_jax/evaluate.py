@@ -150,8 +150,9 @@ def _overrides(args) -> dict:
   return over
 
 
-def check_args(args) -> None:
-  """Flag checks that need no model (fail fast, before anything is loaded)."""
+def check_args(args) -> dict[str, str]:
+  """Flag checks that need no model (fail fast, before anything is loaded); returns the
+  contents of each --text-file, read once here."""
   if args.batch_size is not None and args.batch_size < 1:
     raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
   if args.max_windows is not None and args.max_windows < 1:
@@ -160,8 +161,7 @@ def check_args(args) -> None:
     raise ValueError(f"--seq-len must be at least 2, got {args.seq_len}")
   if args.sea_K is not None and (args.sea_K < 4 or args.sea_K % 4):
     raise ValueError(f"--sea-K must be a positive multiple of 4, got {args.sea_K}")
-  for path in args.text_file or ():
-    read_text_file(path)
+  return {path: read_text_file(path) for path in args.text_file or ()}
 
 
 def read_text_file(path: str) -> str:
@@ -190,11 +190,11 @@ def _sources(args) -> list[tuple[str, str | None]]:
   return [(args.protocol, None)]
 
 
-def _source_tokens(tokenizer, args, path: str | None):
+def _source_tokens(tokenizer, args, path: str | None, texts: dict[str, str]):
   from sea_jax import data
   if path is None:
     return data.protocol_tokens(tokenizer, args.protocol, source=args.data_source)
-  return data.encode(tokenizer, read_text_file(path))
+  return data.encode(tokenizer, texts[path])
 
 
 def run_eval(args) -> int:
@@ -207,7 +207,7 @@ def run_eval(args) -> int:
   user_errors = (ConfigError, CheckpointError, ConvertError, shd.MeshError, ValueError,
                  FileNotFoundError, data.DataUnavailableError)
   try:
-    check_args(args)
+    texts = check_args(args)
     ks = parse_k_list(args.sea_k)
     paths = args.model or bundle.bundled_model_paths()
     mesh = shd.make_mesh(args.mesh)
@@ -232,7 +232,7 @@ def run_eval(args) -> int:
       for source, text_path in _sources(args):
         key = f"{data.tokenizer_fingerprint(tokenizer)}:{source}:{args.data_source}"
         if key not in token_cache:
-          token_cache[key] = _source_tokens(tokenizer, args, text_path)
+          token_cache[key] = _source_tokens(tokenizer, args, text_path, texts)
         tokens = token_cache[key]
         if tokens.size and int(tokens.max()) >= cfg.vocab_size:
           raise ConfigError(f"the tokenizer produces ids up to {int(tokens.max())} but the "
