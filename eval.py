@@ -11,9 +11,6 @@ stderr; each evaluation prints one JSON line on stdout (the student's last).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
 import sys
 
 
@@ -50,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data-source", choices=("auto", "hf", "bundled"), default="auto",
                  help="WikiText-2 from `datasets` (hf), the bundled raw files, or auto")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  from sea_jax.errors import add_debug_flag
+  add_debug_flag(p)
   return p
 
 

@@ -23,12 +23,14 @@ CORPUS=${CORPUS:-../shared/data/gutenberg/gutenberg_40books.txt}
 if [[ "${TOY:-0}" == 1 ]]; then
   LAYERS=${LAYERS:-2} D_MODEL=${D_MODEL:-32} HEADS=${HEADS:-4} SEQ=${SEQ:-64} VOCAB=${VOCAB:-512}
   TEACHER_STEPS=${TEACHER_STEPS:-4} STUDENT_STEPS=${STUDENT_STEPS:-3} BATCH=${BATCH:-2}
-  SEA_K=${SEA_K:-16} SEA_k=${SEA_k:-4} EVAL_WINDOWS=${EVAL_WINDOWS:-2} KS=${KS:-1,2,4,8,64}
+  SEA_K=${SEA_K:-16} SEA_k=${SEA_k:-4} SEA_K_TRAIN=${SEA_K_TRAIN:-2,64}
+  EVAL_WINDOWS=${EVAL_WINDOWS:-2} KS=${KS:-1,2,4,8,64}
   MAX_CHARS=${MAX_CHARS:-200000} WARMUP=${WARMUP:-1}
 else
   LAYERS=${LAYERS:-4} D_MODEL=${D_MODEL:-256} HEADS=${HEADS:-8} SEQ=${SEQ:-512}
   VOCAB=${VOCAB:-8192} TEACHER_STEPS=${TEACHER_STEPS:-1100} STUDENT_STEPS=${STUDENT_STEPS:-350}
-  BATCH=${BATCH:-8} SEA_K=${SEA_K:-64} SEA_k=${SEA_k:-32} EVAL_WINDOWS=${EVAL_WINDOWS:-50}
+  BATCH=${BATCH:-8} SEA_K=${SEA_K:-64} SEA_k=${SEA_k:-32} SEA_K_TRAIN=${SEA_K_TRAIN:-16,512}
+  EVAL_WINDOWS=${EVAL_WINDOWS:-50}
   KS=${KS:-8,16,32,128,512} MAX_CHARS=${MAX_CHARS:-0} WARMUP=${WARMUP:-100}
 fi
 TEACHER_LR=${TEACHER_LR:-1e-3}
@@ -52,9 +54,9 @@ python train.py --mode pretrain --out "$OUT/teacher" --steps "$TEACHER_STEPS" \
   --warmup-steps "$WARMUP" --dropout 0.0 --save-every "${SAVE_EVERY:-100}" --log-every 10 \
   "${COMMON[@]}"
 
-echo "== 2/4 SEA student: K=$SEA_K, k=$SEA_k" >&2
+echo "== 2/4 SEA student: K=$SEA_K, k=$SEA_k (trained at k drawn from [$SEA_K_TRAIN])" >&2
 python train.py --teacher "$OUT/teacher/final" --out "$OUT/sea" --steps "$STUDENT_STEPS" \
-  --attention sea --sea-K "$SEA_K" --sea-k "$SEA_k" --lr-sea "$LR_SEA" \
+  --attention sea --sea-K "$SEA_K" --sea-k "$SEA_k" --sea-k-train "$SEA_K_TRAIN" --lr-sea "$LR_SEA" \
   --lr-pretrained "$LR_PRETRAINED" --save-every "${SAVE_EVERY:-50}" --log-every 5 "${COMMON[@]}"
 
 echo "== 3/4 Performer student (the paper's linear baseline)" >&2

@@ -13,11 +13,13 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from sea_jax.errors import UserError
+
 MODELS_DIR = Path(__file__).resolve().parent / "assets" / "models"
 NAMES = ("teacher", "student")  # evaluated in this order: the student's JSON line is last
 
 
-class BundleError(FileNotFoundError):
+class BundleError(UserError, FileNotFoundError):
   """The bundled models are missing or damaged."""
 
 

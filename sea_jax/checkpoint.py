@@ -19,20 +19,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
 from sea_jax import sharding as shd
 from sea_jax.config import OPTConfig, load_config
+from sea_jax.errors import UserError
 from sea_jax.opt import OPTForCausalLM
 
 PARAMS_DIR = "params"
 FRESH_OK_MARKERS = ("core",)  # subtrees an attention swap may add (the attention core's own state)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint that is missing, corrupt or does not fit the model."""
 
 

@@ -11,11 +11,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from sea_jax.errors import UserError
+
 ATTENTION_KINDS = ("dense", "sea", "performer")
 SPARSE_IMPLS = ("auto", "xla", "pallas")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A configuration that cannot describe a working model."""
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import json
 import os
 import re
@@ -24,14 +23,15 @@ from typing import Callable, Iterator
 import numpy as np
 
 from sea_jax.config import ConfigError, OPTConfig, SEAConfig, load_config
-from sea_jax.safe_write import DestinationError, atomic_folder, check_destination
+from sea_jax.errors import UserError, add_debug_flag, run_command
+from sea_jax.safe_write import atomic_folder, check_destination
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json")
 SHARD_BYTES = 2 * 1024**3
 
 
-class ConvertError(RuntimeError):
+class ConvertError(UserError, RuntimeError):
   """A source checkpoint that cannot be converted; the message names the problem."""
 
 
@@ -290,7 +290,6 @@ def model_folder_to_hf(src: str, dst: str) -> None:
   SEA modules have no Hugging Face counterpart and are left out (with a notice).
   """
   from sea_jax import checkpoint
-  import flax.nnx as nnx
   if not checkpoint.is_model_folder(src):
     raise ConvertError(f"{src} is not a sea-jax model folder (config.json + params/)")
   config = load_config(src)
@@ -342,6 +341,12 @@ def _write_hf_folder(flat: dict, config: OPTConfig, src: str, dst: str) -> None:
   copy_tokenizer(src, dst)
 
 
+def folder_bytes(folder: str) -> int:
+  """Bytes of every file under `folder`: what a conversion of it writes, about."""
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder)
+             for f in files if os.path.isfile(os.path.join(root, f)))
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m sea_jax.convert",
@@ -358,26 +363,23 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=0, help="seed of the fresh SEA parameters")
   parser.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                       help="storage dtype of the converted parameters")
+  add_debug_flag(parser)
   args = parser.parse_args(argv)
-  from sea_jax.checkpoint import CheckpointError
-  try:
+
+  def body() -> int:
     src_local = args.src if os.path.exists(args.src) else None
-    check_destination(args.dst, [src_local], "destination")
+    need = folder_bytes(src_local) if src_local and os.path.isdir(src_local) else 0
+    check_destination(args.dst, [src_local], "destination", min_free_bytes=need)
     if args.to_hf:
       model_folder_to_hf(args.src, args.dst)
     else:
       sea = SEAConfig(K=args.sea_K, k=args.sea_k, seed=args.seed)
       hf_to_model_folder(args.src, args.dst, attention=args.attention, sea=sea,
                          param_dtype=args.param_dtype)
-  except (ConvertError, ConfigError, CheckpointError, DestinationError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except OSError as e:
-    print(f"error: writing {args.dst} failed ({e.strerror or e}); nothing was written",
-          file=sys.stderr)
-    return 2
-  print(f"wrote {args.dst}", file=sys.stderr)
-  return 0
+    print(f"wrote {args.dst}", file=sys.stderr)
+    return 0
+
+  return run_command(body, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from sea_jax.errors import UserError
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOKENIZER_ASSETS = ASSETS / "opt-tokenizer"
 WIKITEXT_ASSETS = ASSETS / "wikitext-2-raw"
@@ -30,11 +32,11 @@ _CACHE_FORMAT = "sea-jax-train-tokens-v1"
 _HUB_PROBE_TIMEOUT_S = 2.0
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(UserError, RuntimeError):
   """Data that is neither bundled nor reachable."""
 
 
-class TextFileError(ValueError):
+class TextFileError(UserError, ValueError):
   """A text file that cannot be used: missing, unreadable, binary, not UTF-8 or empty."""
 
 

@@ -198,71 +198,70 @@ def _source_tokens(tokenizer, args, path: str | None, texts: dict[str, str]):
 
 
 def run_eval(args) -> int:
-  """eval.py's body: evaluates each model (and each k) and prints one JSON line per run."""
+  """eval.py: `_run_eval` under the one error policy (sea_jax.errors); returns the exit code."""
+  from sea_jax.errors import run_command
+  return run_command(lambda: _run_eval(args), debug=getattr(args, "debug", False),
+                     user_errors=(ValueError,))
+
+
+def _run_eval(args) -> int:
+  """Evaluates each model (and each k) and prints one JSON line per run."""
   import json
   from sea_jax import bundle, checkpoint, data
-  from sea_jax.checkpoint import CheckpointError
   from sea_jax.config import ConfigError
-  from sea_jax.convert import ConvertError
-  user_errors = (ConfigError, CheckpointError, ConvertError, shd.MeshError, ValueError,
-                 FileNotFoundError, data.DataUnavailableError)
-  try:
-    texts = check_args(args)
-    ks = parse_k_list(args.sea_k)
-    paths = args.model or bundle.bundled_model_paths()
-    mesh = shd.make_mesh(args.mesh)
-    token_cache: dict[str, np.ndarray] = {}
-    for path in paths:
-      check_sea_K(path, args.sea_K)
-      model = checkpoint.load_pretrained(path, mesh, **_overrides(args))
-      cfg = model.config
-      seq_len = args.seq_len or min(cfg.max_position_embeddings, 2048)
-      if seq_len > cfg.max_position_embeddings:
-        raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
-                          f"{cfg.max_position_embeddings}")
-      if cfg.attention != "sea" and args.sea_k is not None:
-        print(f"note: --sea-k has no effect on {cfg.attention} attention ({path})",
+  texts = check_args(args)
+  ks = parse_k_list(args.sea_k)
+  paths = args.model or bundle.bundled_model_paths()
+  mesh = shd.make_mesh(args.mesh)
+  token_cache: dict[str, np.ndarray] = {}
+  for path in paths:
+    check_sea_K(path, args.sea_K)
+    model = checkpoint.load_pretrained(path, mesh, **_overrides(args))
+    cfg = model.config
+    seq_len = args.seq_len or min(cfg.max_position_embeddings, 2048)
+    if seq_len > cfg.max_position_embeddings:
+      raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
+                        f"{cfg.max_position_embeddings}")
+    if cfg.attention != "sea" and args.sea_k is not None:
+      print(f"note: --sea-k has no effect on {cfg.attention} attention ({path})",
+            file=sys.stderr)
+    for k in ks:
+      if cfg.attention == "sea" and k is not None and k >= seq_len:
+        print(f"note: --sea-k {k} >= --seq-len {seq_len}: every visible key is kept",
               file=sys.stderr)
+    tokenizer = data.load_tokenizer(path if os.path.isdir(path) else None)
+    tok_name = data.tokenizer_name(tokenizer)
+    for source, text_path in _sources(args):
+      key = f"{data.tokenizer_fingerprint(tokenizer)}:{source}:{args.data_source}"
+      if key not in token_cache:
+        token_cache[key] = _source_tokens(tokenizer, args, text_path, texts)
+      tokens = token_cache[key]
+      if tokens.size and int(tokens.max()) >= cfg.vocab_size:
+        raise ConfigError(f"the tokenizer produces ids up to {int(tokens.max())} but the "
+                          f"model's vocab_size is {cfg.vocab_size}: tokenizer and model do "
+                          "not match")
+      if tokens.size < seq_len:
+        what = f"--text-file {text_path}" if text_path else f"the {source} split"
+        raise ValueError(f"{what} has {tokens.size} tokens, shorter than one window of "
+                         f"--seq-len {seq_len}")
+      windows = window_slice(data.eval_windows(tokens, seq_len), args.max_windows)
+      per_step = math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
+      batch_size = args.batch_size or per_step
+      if text_path is None:
+        where = dict(protocol=args.protocol, split=data.PROTOCOLS[args.protocol].split,
+                     text=None)
+      else:
+        where = dict(protocol="text-file", split=None, text=text_path)
       for k in ks:
-        if cfg.attention == "sea" and k is not None and k >= seq_len:
-          print(f"note: --sea-k {k} >= --seq-len {seq_len}: every visible key is kept",
-                file=sys.stderr)
-      tokenizer = data.load_tokenizer(path if os.path.isdir(path) else None)
-      tok_name = data.tokenizer_name(tokenizer)
-      for source, text_path in _sources(args):
-        key = f"{data.tokenizer_fingerprint(tokenizer)}:{source}:{args.data_source}"
-        if key not in token_cache:
-          token_cache[key] = _source_tokens(tokenizer, args, text_path, texts)
-        tokens = token_cache[key]
-        if tokens.size and int(tokens.max()) >= cfg.vocab_size:
-          raise ConfigError(f"the tokenizer produces ids up to {int(tokens.max())} but the "
-                            f"model's vocab_size is {cfg.vocab_size}: tokenizer and model do "
-                            "not match")
-        if tokens.size < seq_len:
-          what = f"--text-file {text_path}" if text_path else f"the {source} split"
-          raise ValueError(f"{what} has {tokens.size} tokens, shorter than one window of "
-                           f"--seq-len {seq_len}")
-        windows = window_slice(data.eval_windows(tokens, seq_len), args.max_windows)
-        per_step = math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
-        batch_size = args.batch_size or per_step
-        if text_path is None:
-          where = dict(protocol=args.protocol, split=data.PROTOCOLS[args.protocol].split,
-                       text=None)
-        else:
-          where = dict(protocol="text-file", split=None, text=text_path)
-        for k in ks:
-          result = perplexity(model, windows, batch_size=batch_size, mesh=mesh, sea_k=k,
-                              progress=not args.no_progress,
-                              desc=f"{os.path.basename(os.path.normpath(path))} {cfg.attention}")
-          sea_k = (k if k is not None else cfg.sea.k) if cfg.attention == "sea" else None
-          line = summary(result, model=path, **where, tokenizer=tok_name, seq_len=seq_len,
-                         tokens=int(tokens.size), windows=int(windows.shape[0]),
-                         attention=cfg.attention, sea_k=sea_k,
-                         sea_K=cfg.sea.K if cfg.attention == "sea" else None,
-                         dtype=cfg.dtype, batch_size=batch_size, devices=len(mesh.devices.flat),
-                         backend=jax.default_backend())
-          print(json.dumps(line), flush=True)
-  except user_errors as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+        result = perplexity(model, windows, batch_size=batch_size, mesh=mesh, sea_k=k,
+                            progress=not args.no_progress,
+                            desc=f"{os.path.basename(os.path.normpath(path))} {cfg.attention}")
+        sea_k = (k if k is not None else cfg.sea.k) if cfg.attention == "sea" else None
+        line = summary(result, model=path, **where, tokenizer=tok_name, seq_len=seq_len,
+                       tokens=int(tokens.size), windows=int(windows.shape[0]),
+                       attention=cfg.attention, sea_k=sea_k,
+                       sea_K=cfg.sea.K if cfg.attention == "sea" else None,
+                       dtype=cfg.dtype, batch_size=batch_size, devices=len(mesh.devices.flat),
+                       backend=jax.default_backend())
+        print(json.dumps(line), flush=True)
   return 0

@@ -10,7 +10,6 @@ Shapes: N batch, T sequence, D hidden_size, E word_embed_proj_dim, V vocab, H he
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -3,19 +3,24 @@
 `check_destination` runs before any work: the destination is absent or an empty folder, is not
 (inside) a source, and its parent is writable. `atomic_folder` writes into a temporary sibling
 and renames it into place only when everything succeeded, so an interrupted or failed write
-leaves the old state (nothing, or the empty folder) as it was.
+leaves the old state (nothing, or the empty folder) as it was; the sibling a killed writer left
+behind is removed by the next write to the same destination. `check_room` refuses a write the
+disk cannot hold before it starts.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from sea_jax.errors import UserError
 
-class DestinationError(ValueError):
+
+class DestinationError(UserError, ValueError):
   """An output path that cannot be written safely (one line for the user)."""
 
 
@@ -47,12 +52,27 @@ def check_destination(dst: str | os.PathLike, sources: Sequence[str | os.PathLik
     parent = parent.parent
   if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
     raise DestinationError(f"{what} {dst}: {parent} is not writable")
-  if min_free_bytes:
-    free = shutil.disk_usage(parent).free
-    if free < min_free_bytes:
-      raise DestinationError(f"{what} {dst}: {free / 2**20:.0f} MiB free on its disk, about "
-                             f"{min_free_bytes / 2**20:.0f} MiB needed")
+  check_room(parent, min_free_bytes, f"{what} {dst}")
   return dst
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+  """Free bytes on the disk that holds `path` (or its nearest existing parent)."""
+  probe = Path(os.path.abspath(path))
+  while not probe.exists():
+    probe = probe.parent
+  return shutil.disk_usage(probe).free
+
+
+def check_room(path: str | os.PathLike, need_bytes: int, what: str = "output folder") -> None:
+  """DestinationError when the disk holding `path` has fewer than `need_bytes` free."""
+  if need_bytes <= 0:
+    return
+  free = free_bytes(path)
+  if free < need_bytes:
+    raise DestinationError(f"{what}: {free / 2**20:.1f} MiB free on its disk, about "
+                           f"{need_bytes / 2**20:.1f} MiB needed; free some space or choose "
+                           "another disk (nothing was written)")
 
 
 def check_writable_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
@@ -68,13 +88,40 @@ def check_writable_folder(path: str | os.PathLike, what: str = "output folder") 
   return path
 
 
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def remove_stale_partials(dst: str | os.PathLike) -> list[Path]:
+  """Removes the temporary siblings `.NAME.partial-PID-*` of `dst` left by a killed writer
+  (PID no longer running on this machine); returns what it removed."""
+  dst = Path(os.path.abspath(dst))
+  removed = []
+  if not dst.parent.is_dir():
+    return removed
+  pattern = re.compile(rf"^\.{re.escape(dst.name)}\.partial-(\d+)-")
+  for sibling in dst.parent.iterdir():
+    m = pattern.match(sibling.name)
+    if m and sibling.is_dir() and not _alive(int(m.group(1))):
+      shutil.rmtree(sibling, ignore_errors=True)
+      removed.append(sibling)
+  return removed
+
+
 @contextlib.contextmanager
 def atomic_folder(dst: str | os.PathLike) -> Iterator[Path]:
   """Yields a temporary sibling folder of `dst`; renames it to `dst` when the block succeeds,
   removes it when the block fails (`dst`, absent or an empty folder, is left as it was)."""
   dst = Path(os.path.abspath(dst))
   dst.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
+  remove_stale_partials(dst)
+  tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-{os.getpid()}-"))
   try:
     yield tmp
     os.chmod(tmp, 0o755)

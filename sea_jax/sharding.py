@@ -16,6 +16,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sea_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -34,7 +36,7 @@ LOGICAL_RULES: dict[str | None, str | tuple[str, ...] | None] = {
 }
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
   """A mesh description that does not fit the devices."""
 
 

@@ -31,12 +31,14 @@ import warnings
 
 import numpy as np
 
+from sea_jax.errors import UserError, add_debug_flag, run_command
+
 MAX_TOKENS_CAP = 1024
 KINDS = ("teacher", "estimate", "mask", "overlap")
 TOKEN_TICKS_MAX_T = 32  # label the axes with the tokens themselves up to this length
 
 
-class VisualizeError(ValueError):
+class VisualizeError(UserError, ValueError):
   """A bad input to the visualiser (reported as one line, exit status 2)."""
 
 
@@ -288,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: the config's, 256)")
   p.add_argument("--save-arrays", action="store_true",
                  help="also save each picture's array as .npy beside the PNG")
+  add_debug_flag(p)
   return p
 
 
@@ -437,19 +440,16 @@ def visualize(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  from sea_jax.checkpoint import CheckpointError
-  from sea_jax.config import ConfigError
-  from sea_jax.convert import ConvertError
-  try:
+
+  def body() -> int:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", UserWarning)  # tokenizer/hub chatter; our notes go to stderr
       summary = visualize(args)
-  except (VisualizeError, ConfigError, CheckpointError, ConvertError, FileNotFoundError) as e:
-    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-    return 2
-  print(f"wrote {len(summary['maps'])} (layer, head) picture sets and summary.json to {args.out}",
-        file=sys.stderr)
-  return 0
+    print(f"wrote {len(summary['maps'])} (layer, head) picture sets and summary.json to "
+          f"{args.out}", file=sys.stderr)
+    return 0
+
+  return run_command(body, debug=args.debug)
 
 
 if __name__ == "__main__":

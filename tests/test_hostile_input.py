@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import shlex
+import signal
 import subprocess
+import time
 import sys
 
 import pytest
@@ -20,10 +23,18 @@ def _env():
   return env
 
 
-def run(*args, timeout=300):
-  proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=_env(),
+def run(*args, timeout=300, env=None):
+  proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env={**_env(), **(env or {})},
                         capture_output=True, text=True, timeout=timeout)
   return proc
+
+
+def run_with_file_size_limit(kib: int, *args, timeout=300):
+  """`run` under `ulimit -f` (KiB): every write past the limit fails with EFBIG, like a full
+  disk, without needing a tmpfs (Python ignores SIGXFSZ, so the write returns the error)."""
+  cmd = f"ulimit -f {kib} && exec {shlex.join([sys.executable, *map(str, args)])}"
+  return subprocess.run(["bash", "-c", cmd], cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=timeout)
 
 
 def assert_one_line_error(proc, match: str):
@@ -131,6 +142,47 @@ def test_a_failed_conversion_leaves_no_partial_folder(tmp_path):
   assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
+def test_convert_past_a_file_size_limit_keeps_nothing(models, tmp_path):
+  hf, _ = models
+  before = tree_digest(hf)
+  proc = run_with_file_size_limit(64, "-m", "sea_jax.convert", hf, tmp_path / "out")
+  assert_one_line_error(proc, "out of disk space or over a file-size limit")
+  assert "Event loop is closed" not in proc.stderr, proc.stderr[-3000:]
+  assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder, no partial sibling
+  assert tree_digest(hf) == before
+  assert run("-m", "sea_jax.convert", hf, tmp_path / "out").returncode == 0
+
+
+def test_a_killed_conversion_leaves_no_folder_and_the_next_one_cleans_up(models, tmp_path):
+  hf, _ = models
+  dst = tmp_path / "out"
+  proc = subprocess.Popen([sys.executable, "-m", "sea_jax.convert", str(hf), str(dst)],
+                          cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  partial = lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+  end = time.time() + 120
+  while not partial() and proc.poll() is None and time.time() < end:
+    time.sleep(0.002)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert partial(), "the conversion ended before it started writing"
+  assert not dst.exists()  # the destination never looks finished
+  proc = run("-m", "sea_jax.convert", hf, dst)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not partial()  # the killed writer's temporary folder is gone
+  assert (dst / "config.json").is_file() and (dst / "params").is_dir()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+  args = ("-m", "sea_jax.convert", tmp_path / "missing", tmp_path / "out")
+  assert_one_line_error(run(*args), "no such folder")
+  for proc in (run(*args, "--debug"), run(*args, env={"SEA_JAX_DEBUG": "1"})):
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "ConvertError" in proc.stderr, proc.stderr[-2000:]
+  proc = run("eval.py", "--model", tmp_path / "missing", env={"SEA_JAX_DEBUG": "1"})
+  assert proc.returncode != 0 and "Traceback" in proc.stderr, proc.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------- eval.py
 
 
@@ -206,6 +258,21 @@ def test_train_out_is_a_file(tmp_path):
   text.write_text("some words here and there. " * 50)
   assert_one_line_error(_pretrain(out, text), "not a folder")
   assert out.read_text() == "keep me"
+
+
+def test_train_past_a_file_size_limit_is_one_line_then_resumes(tmp_path):
+  text = tmp_path / "t.txt"
+  text.write_text("some words here and there. " * 200)
+  out = tmp_path / "run"
+  proc = run_with_file_size_limit(1000, "train.py", "--mode", "pretrain", "--out", out,
+                                  "--train-text", text, "--layers", 1, "--d-model", 16,
+                                  "--heads", 2, "--steps", 2, "--seq-len", 8, "--batch-size", 1,
+                                  "--save-every", 1, "--no-progress")
+  assert_one_line_error(proc, "out of disk space or over a file-size limit")
+  proc = _pretrain(out, text)  # room again: the same command finishes the run
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (out / "final" / "config.json").is_file()
+  assert not any("tmp" in p.name for p in (out / "checkpoints").iterdir())
 
 
 def test_refused_resume_keeps_the_runs_record(tmp_path):

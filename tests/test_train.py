@@ -18,7 +18,8 @@ from sea_jax import checkpoint
 from sea_jax import sharding as shd
 from sea_jax.config import OPTConfig, SEAConfig
 from sea_jax.training import cli, models, optimizer
-from sea_jax.training.step import StepSpec, base_rng, build_train_step, init_opt_state
+from sea_jax.training.step import (StepSpec, base_rng, build_train_step, draw_sea_k,
+                                   init_opt_state)
 
 TINY = OPTConfig(vocab_size=50272, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  ffn_dim=64, max_position_embeddings=128, word_embed_proj_dim=32, dropout=0.1,
@@ -167,6 +168,18 @@ def test_sharded_step_matches_single_device(shared):
   assert max(moved) > 1e-4  # the step did change the parameters
 
 
+def test_dynamic_k_draws_are_log_uniform_in_range_and_reproducible():
+  rng = base_rng(3)
+  ks = np.array([int(draw_sea_k(rng, jnp.int32(s), 16, 512)) for s in range(400)])
+  assert ks.min() >= 16 and ks.max() <= 512
+  again = [int(draw_sea_k(rng, jnp.int32(s), 16, 512)) for s in range(400)]
+  assert ks.tolist() == again  # a pure function of (seed, step): a resume draws the same k
+  # log-uniform: each octave of [16, 512] gets about a fifth of the draws
+  octaves = np.histogram(np.log2(ks), bins=[4, 5, 6, 7, 8, 9.01])[0] / len(ks)
+  assert np.all(np.abs(octaves - 0.2) < 0.08), octaves
+  assert {int(draw_sea_k(rng, jnp.int32(s), 5, 5)) for s in range(5)} == {5}
+
+
 # ---------------------------------------------------------------- CLI input checks
 
 
@@ -174,6 +187,9 @@ def test_sharded_step_matches_single_device(shared):
     (["--teacher", "/no/such/teacher"], "not found"),
     (["--sea-K", "10"], "multiple of 4"),
     (["--sea-k", "0"], "--sea-k must be >= 1"),
+    (["--sea-k-train", "8"], "--sea-k-train wants LO,HI"),
+    (["--sea-k-train", "9,4"], "1 <= LO <= HI"),
+    (["--sea-k-train", "2,8", "--attention", "performer"], "SEA student only"),
     (["--seq-len", "256"], "exceeds the model's max positions 128"),
     (["--batch-size", "4"], "not divisible by the data x fsdp size 8"),
     (["--batch-size", "16", "--micro-batch-size", "6"], "not divisible by --micro-batch-size"),
@@ -247,6 +263,27 @@ def test_sigkill_after_save_resumes_bitwise(shared, reference, tmp_path):
   got, want = ts.read_metrics(out), ts.read_metrics(reference)
   _assert_metrics(got, [1, 2, 3, 4])
   assert [r["loss"] for r in got] == [r["loss"] for r in want]
+
+
+def test_sigkill_during_a_save_resumes_bitwise(shared, reference, tmp_path):
+  """Killed while Orbax writes a checkpoint (its temporary folder exists): the half-written step
+  is never used, and the resumed run ends bitwise where the uninterrupted one did."""
+  _, teacher, text, cache = shared
+  out = tmp_path / "killed_in_save"
+  folder = out / "checkpoints"
+  proc = ts.start_train(ts.distill_args(teacher, text, out, extra=["--save-every", 1]),
+                        devices=8, cache_dir=cache)
+  saving = lambda: folder.is_dir() and any("tmp" in p.name for p in folder.iterdir())
+  ts.wait_for(saving, proc, poll=0.002)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  left = sorted(p.name for p in folder.iterdir())
+  assert any("tmp" in name for name in left), f"not killed inside a save: {left}"
+  assert max(ts.checkpoint_steps(out), default=0) < 4, "killed too late to test a resume"
+  proc = ts.run_train(ts.distill_args(teacher, text, out), devices=8, cache_dir=cache)
+  assert not any("tmp" in p.name for p in folder.iterdir())
+  _assert_same_params(ts.final_params(out), ts.final_params(reference))
+  _assert_metrics(ts.read_metrics(out), [1, 2, 3, 4])
 
 
 def test_sigterm_saves_then_resume_matches(shared, reference, tmp_path):

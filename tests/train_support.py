@@ -69,8 +69,9 @@ def start_train(args, *, devices: int = 1, cache_dir=None) -> subprocess.Popen:
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
-  """Polls `predicate` until true; fails if `proc` ends first."""
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600,
+             poll: float = 0.1) -> None:
+  """Polls `predicate` every `poll` seconds until true; fails if `proc` ends first."""
   end = time.time() + timeout
   while time.time() < end:
     if predicate():
@@ -78,7 +79,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
     if proc.poll() is not None:
       raise AssertionError(f"train.py ended (rc {proc.returncode}) before the condition:\n"
                            f"{proc.stderr.read()[-4000:]}")
-    time.sleep(0.1)
+    time.sleep(poll)
   proc.kill()
   raise AssertionError("timed out waiting for train.py")
 

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from sea_jax.config import OPTConfig
+from sea_jax.errors import UserError, add_debug_flag
 
 EPILOG = """\
 exit codes: 0 done (OUT/final written); 1 non-finite loss (nothing saved past the last good
@@ -25,7 +26,7 @@ TPU environment). Every host reads only its rows of each batch.
 """
 
 
-class TrainError(ValueError):
+class TrainError(UserError, ValueError):
   """Bad flags or inputs; printed as one line."""
 
 
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "baseline (default sea)")
   g.add_argument("--sea-k", type=int, help="SEA keys per query per head (default: the "
                                            "checkpoint's, 64)")
+  g.add_argument("--sea-k-train", metavar="LO,HI",
+                 help="dynamic-k training: draw SEA's k for each update log-uniformly from "
+                      "[LO, HI] (the student still evaluates at --sea-k by default; default: "
+                      "train at --sea-k only, as the paper)")
   g.add_argument("--sea-K", type=int, help="SEA compressed width, a multiple of 4 (default: "
                                            "the checkpoint's, 256)")
   g.add_argument("--sparse-impl", choices=("auto", "xla", "pallas"),
@@ -122,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--distributed", action="store_true",
                  help="start jax.distributed with the cluster's auto-detection (TPU, SLURM)")
   g.add_argument("--debug-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
+  add_debug_flag(g)
   return p
 
 
@@ -139,6 +145,9 @@ def check_flags(args: argparse.Namespace) -> None:
     raise TrainError(f"--sea-K must be a positive multiple of 4, got {args.sea_K}")
   if args.sea_k is not None and args.sea_k < 1:
     raise TrainError(f"--sea-k must be >= 1, got {args.sea_k}")
+  args.sea_k_range = parse_k_range(args.sea_k_train)
+  if args.sea_k_range is not None and (args.mode != "distill" or args.attention != "sea"):
+    raise TrainError("--sea-k-train applies to distilling a SEA student only")
   if not 0.0 <= args.dropout < 1.0:
     raise TrainError(f"--dropout must be in [0, 1), got {args.dropout}")
   if args.mode == "distill":
@@ -165,6 +174,20 @@ def check_flags(args: argparse.Namespace) -> None:
   for path in args.train_text or ():
     if not os.path.isfile(path):
       raise TrainError(f"training text not found: {path}")
+
+
+def parse_k_range(text: str | None) -> tuple[int, int] | None:
+  """'LO,HI' -> (LO, HI) with 1 <= LO <= HI; None -> None."""
+  if text is None:
+    return None
+  parts = text.split(",")
+  try:
+    lo, hi = (int(p) for p in parts)
+  except ValueError:
+    raise TrainError(f"--sea-k-train wants LO,HI (two integers), got {text!r}") from None
+  if not 1 <= lo <= hi:
+    raise TrainError(f"--sea-k-train wants 1 <= LO <= HI, got {text!r}")
+  return lo, hi
 
 
 def _check_source(path: str, what: str) -> None:
@@ -227,6 +250,8 @@ def essentials(args: argparse.Namespace, config: OPTConfig) -> dict[str, Any]:
   if config.attention == "sea":
     out["sea_K"] = config.sea.K
     out["sea_nbf"] = config.sea.nbf
+    if getattr(args, "sea_k_range", None) is not None:
+      out["sea_k_train"] = list(args.sea_k_range)
   return out
 
 
@@ -257,16 +282,11 @@ def batch_layout(args: argparse.Namespace, mesh_shape: dict[str, int]) -> int:
 def main(argv: list[str] | None = None) -> int:
   """train.py: parse, start jax.distributed if asked, run; user errors are one line, exit 2."""
   import sys
+  from sea_jax.errors import run_command
   args = build_parser().parse_args(argv)
-  from sea_jax.checkpoint import CheckpointError
-  from sea_jax.config import ConfigError
-  from sea_jax.convert import ConvertError
-  from sea_jax.data import DataUnavailableError, TextFileError
-  from sea_jax.sharding import MeshError
-  from sea_jax.training.metrics import NonFiniteLossError
-  user_errors = (TrainError, ConfigError, CheckpointError, ConvertError, MeshError,
-                 DataUnavailableError, TextFileError, FileNotFoundError, PermissionError)
-  try:
+
+  def body() -> int:
+    from sea_jax.training.metrics import NonFiniteLossError
     check_flags(args)
     from sea_jax.training import distributed
     try:
@@ -275,10 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
       raise TrainError(str(e)) from None
     from sea_jax.training.loop import run
-    return run(args)
-  except user_errors as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
-  except NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 1
+    try:
+      return run(args)
+    except NonFiniteLossError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      return 1
+
+  return run_command(body, debug=args.debug)

@@ -71,7 +71,8 @@ def make_plan(args: argparse.Namespace, mesh_shape: dict[str, int]) -> Plan:
                      f"{student.max_position_embeddings}")
   micro = batch_layout(args, mesh_shape)
   spec = StepSpec(mode=args.mode, batch_size=args.batch_size, micro_batch_size=micro,
-                  seq_len=args.seq_len, K=student.sea.K)
+                  seq_len=args.seq_len, K=student.sea.K,
+                  sea_k_range=getattr(args, "sea_k_range", None))
   return Plan(student, teacher, init_path, tokenizer_src, spec, lrs, essentials(args, student))
 
 
@@ -117,6 +118,23 @@ def check_out_dir(out: str) -> None:
     check_writable_folder(out, "--out")
   except DestinationError as e:
     raise TrainError(str(e)) from None
+
+
+def check_checkpoint_room(out: str, abstract_params, tx, keep: int) -> None:
+  """TrainError before any training when OUT's disk cannot hold one checkpoint (parameters and
+  optimizer state) plus final/; a note when it cannot hold the --keep checkpoints."""
+  from sea_jax.safe_write import DestinationError, check_room, free_bytes
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  params = nbytes(abstract_params)
+  one = params + nbytes(jax.eval_shape(tx.init, abstract_params))
+  try:
+    check_room(out, one + params, f"--out {out} (one checkpoint and final/)")
+  except DestinationError as e:
+    raise TrainError(str(e)) from None
+  if free_bytes(out) < (keep + 1) * one + params and jax.process_index() == 0:
+    print(f"note: the disk of {out} has {free_bytes(out) / 2**20:.0f} MiB free, less than "
+          f"the {((keep + 1) * one + params) / 2**20:.0f} MiB that --keep {keep} checkpoints "
+          "may need", file=sys.stderr, flush=True)
 
 
 def load_tokens(args, plan: Plan, out: str, vocab_size: int, is_writer: bool) -> np.ndarray:
@@ -190,6 +208,7 @@ class Runner:
     p_sh, _ = student.shardings(mesh)
     opt_sh = optimizer.opt_state_shardings(tx, student.abstract_params, p_sh, mesh)
     step_fn = build_train_step(spec, student, teacher, tx, mesh, opt_sh)
+    check_checkpoint_room(self.out, student.abstract_params, tx, args.keep)
 
     teacher_state = None
     if teacher is not None:

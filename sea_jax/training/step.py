@@ -38,10 +38,23 @@ class StepSpec:
   seq_len: int
   K: int = 256
   loss_query_block: int = 128
+  sea_k_range: tuple[int, int] | None = None  # dynamic-k training: k drawn per update
 
   @property
   def accumulation(self) -> int:
     return self.batch_size // self.micro_batch_size
+
+
+K_STREAM = 0x5EA  # fold_in tag of the dynamic-k draws (dropout keys use the micro index)
+
+
+def draw_sea_k(rng: jax.Array, step: jax.Array, lo: int, hi: int) -> jax.Array:
+  """int32 () k of update `step`, log-uniform in [lo, hi]: a pure function of (seed, step), the
+  same on every device and micro-step, so a resumed run draws the same k."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), K_STREAM), step)
+  u = jax.random.uniform(key, (), jnp.float32)
+  k = jnp.exp(jnp.log(float(lo)) + u * (jnp.log(float(hi + 1)) - jnp.log(float(lo))))
+  return jnp.clip(jnp.floor(k).astype(jnp.int32), lo, hi)
 
 
 def base_rng(seed: int) -> jax.Array:
@@ -57,21 +70,22 @@ def dropout_key(rng: jax.Array, step: jax.Array, micro: jax.Array) -> jax.Array:
 
 
 def _distill_loss(spec: StepSpec, student: ModelBridge, teacher: ModelBridge):
-  def loss(params, rest, teacher_state, tokens, key):
+  def loss(params, rest, teacher_state, tokens, key, sea_k=None):
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     t_model = teacher.merge(teacher_state["params"], teacher_state["rest"])
     t_out = jax.lax.stop_gradient(t_model(inputs, output_hidden_states=True,
                                           return_attn_aux=True))
     s_model = student.merge(params, rest)
-    s_out = s_model(inputs, dropout_rng=key, output_hidden_states=True, return_attn_aux=True)
+    s_out = s_model(inputs, sea_k=sea_k, dropout_rng=key, output_hidden_states=True,
+                    return_attn_aux=True)
     return losses.distillation_loss(t_out, s_out, targets, K=spec.K,
                                     query_block=min(spec.loss_query_block, spec.seq_len))
   return loss
 
 
 def _pretrain_loss(student: ModelBridge):
-  def loss(params, rest, teacher_state, tokens, key):
-    del teacher_state
+  def loss(params, rest, teacher_state, tokens, key, sea_k=None):
+    del teacher_state, sea_k
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     logits = student.merge(params, rest)(inputs, dropout_rng=key).logits
     ce = losses.lm_loss(logits, targets)
@@ -80,7 +94,7 @@ def _pretrain_loss(student: ModelBridge):
 
 
 def make_loss_fn(spec: StepSpec, student: ModelBridge, teacher: ModelBridge | None) -> Callable:
-  """loss(params, rest, teacher_state, tokens (n, T+1), key|None) -> (total, terms)."""
+  """loss(params, rest, teacher_state, tokens (n, T+1), key|None, sea_k=None) -> (total, terms)."""
   if spec.mode == "distill":
     if teacher is None:
       raise ValueError("distillation needs a teacher")
@@ -104,10 +118,13 @@ def train_step_fn(spec: StepSpec, student: ModelBridge, teacher: ModelBridge | N
     micro = batch.reshape(spec.micro_batch_size, A, batch.shape[-1]).swapaxes(0, 1)
     micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    sea_k = None
+    if spec.sea_k_range is not None:
+      sea_k = draw_sea_k(state["rng"], state["step"], *spec.sea_k_range)
 
     def one(i, tokens):
       key = dropout_key(state["rng"], state["step"], i) if use_dropout else None
-      (_, terms), grads = grad_fn(params, rest, teacher_state, tokens, key)
+      (_, terms), grads = grad_fn(params, rest, teacher_state, tokens, key, sea_k)
       grads = jax.lax.with_sharding_constraint(grads, param_shardings)
       return terms, grads
 
@@ -130,6 +147,8 @@ def train_step_fn(spec: StepSpec, student: ModelBridge, teacher: ModelBridge | N
     metrics = dict(terms)
     metrics["loss"] = terms["total"]
     metrics["grad_norm"] = optax.global_norm(grads)
+    if sea_k is not None:
+      metrics["sea_k"] = sea_k
     new_state = dict(state, params=new_params, opt=opt, step=state["step"] + 1)
     return new_state, metrics
 
