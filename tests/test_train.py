@@ -395,3 +395,32 @@ def test_nan_loss_stops_naming_step_and_terms(shared, tmp_path):
   steps = ts.checkpoint_steps(out)
   assert all(s < bad for s in steps) and not (out / "final").exists()
   assert "Traceback" not in proc.stderr
+
+
+def test_lr_schedule_warmup_and_cosine_values():
+  f = optimizer.lr_schedule(1e-3, "cosine", warmup_steps=10, total_steps=110)
+  assert float(f(0)) == 0.0 and abs(float(f(10)) - 1e-3) < 1e-9
+  assert abs(float(f(110)) - 1e-4) < 1e-9  # decays to 0.1 x the LR at --steps
+  assert float(f(60)) < 1e-3 and float(f(60)) > 1e-4
+  g = optimizer.lr_schedule(1e-3, "constant", warmup_steps=4)
+  assert [round(float(g(i)), 6) for i in (0, 2, 4, 50)] == [0.0, 5e-4, 1e-3, 1e-3]
+  assert optimizer.lr_schedule(1e-3) == 1e-3
+
+
+def test_metrics_log_the_scheduled_learning_rate(shared, tmp_path):
+  """metrics.jsonl's lr is what the update used, and a resume must keep the schedule."""
+  _, _, text, cache = shared
+  out = tmp_path / "cosine"
+  args = ["--mode", "pretrain", "--layers", 1, "--d-model", 16, "--heads", 2, "--ffn", 32,
+          "--max-positions", 32, "--train-text", text, "--out", out, "--steps", 6,
+          "--seq-len", 16, "--batch-size", 2, "--lr", 1e-3, "--lr-schedule", "cosine",
+          "--warmup-steps", 2, "--save-every", 3]
+  ts.run_train(args, cache_dir=cache)
+  f = optimizer.lr_schedule(1e-3, "cosine", warmup_steps=2, total_steps=6)
+  got = [r["lr"] for r in ts.read_metrics(out)]
+  assert got == pytest.approx([float(f(s)) for s in range(6)], rel=1e-6, abs=1e-12)
+  proc = ts.run_train(args, cache_dir=cache, check=False)
+  assert proc.returncode == 0 and "already complete" in proc.stderr, proc.stderr[-2000:]
+  changed = [a if a != "cosine" else "constant" for a in args]
+  proc = ts.run_train(changed, cache_dir=cache, check=False)
+  assert proc.returncode == 2 and "lr_schedule" in proc.stderr, proc.stderr[-2000:]

@@ -247,6 +247,11 @@ def essentials(args: argparse.Namespace, config: OPTConfig) -> dict[str, Any]:
   out = {"mode": args.mode, "seq_len": args.seq_len, "batch_size": args.batch_size,
          "seed": args.seed}
   out.update({f: getattr(config, f) for f in SHAPE_FIELDS})
+  # The LR schedule, when not the paper's constant one (so runs made before it resume as they were)
+  if getattr(args, "lr_schedule", "constant") != "constant":
+    out["lr_schedule"] = args.lr_schedule
+  if getattr(args, "warmup_steps", 0):
+    out["warmup_steps"] = args.warmup_steps
   if config.attention == "sea":
     out["sea_K"] = config.sea.K
     out["sea_nbf"] = config.sea.nbf

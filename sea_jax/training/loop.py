@@ -270,9 +270,15 @@ class Runner:
     global_shape = (spec.batch_size, spec.seq_len + 1)
     shard_index, num_shards = distributed.host_rows(step_fn.batch_sharding, global_shape)
     tokens_per_step = spec.batch_size * spec.seq_len
-    lr_fields = ({"lr": plan.learning_rates["sea"], "lr_sea": plan.learning_rates["sea"],
-                  "lr_pretrained": plan.learning_rates["pretrained"]}
-                 if spec.mode == "distill" else {"lr": plan.learning_rates["pretrained"]})
+    schedules = {g: optimizer.lr_schedule(lr, args.lr_schedule, args.warmup_steps, args.steps)
+                 for g, lr in plan.learning_rates.items()}
+
+    def lr_fields(step: int) -> dict[str, float]:
+      """The learning rates the update to `step` used (optax counts updates from 0)."""
+      at = {g: float(f(step - 1)) if callable(f) else f for g, f in schedules.items()}
+      if spec.mode == "distill":
+        return {"lr": at["sea"], "lr_sea": at["sea"], "lr_pretrained": at["pretrained"]}
+      return {"lr": at["pretrained"]}
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=min(start, args.steps), unit="step", file=sys.stderr,
                dynamic_ncols=True, disable=args.no_progress or not self.is_writer,
@@ -297,7 +303,7 @@ class Runner:
         log_window.update(time=now, step=step)
         record = {"step": step, "loss": values.pop("loss")}
         record.update(values)
-        record.update(tokens_per_s=window, **lr_fields, time=now)
+        record.update(tokens_per_s=window, **lr_fields(step), time=now)
         metrics_log.write(record)
 
     def save(step: int) -> None:
