@@ -1,5 +1,5 @@
 """Pallas kernels for SEA sparse attention (GPU Triton-style; TPU Mosaic in tpu.py)."""
-from pallas_kernels.block_map import BlockMap, build_block_map
+from sea_jax.sea.block_map import BlockMap, build_block_map
 from pallas_kernels.sparse_attention import (BlockSizes, sparse_attention,
                                              sparse_attention_reference)
 

@@ -26,7 +26,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_map import build_block_map
+from sea_jax.sea.block_map import build_block_map
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _BACKENDS = ("gpu", "tpu")

@@ -12,7 +12,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import block_map as bm_lib
+from sea_jax.sea import block_map as bm_lib
 from pallas_kernels import gpu as gpu_lib
 from pallas_kernels import BlockSizes, build_block_map, sparse_attention
 from pallas_kernels.sparse_attention import resolve_backend

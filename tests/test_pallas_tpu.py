@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 
 from pallas_kernels import tpu  # noqa: E402
-from pallas_kernels.block_map import build_block_map  # noqa: E402
+from sea_jax.sea.block_map import build_block_map  # noqa: E402
 from sea_jax.sea.bins import bin_index  # noqa: E402
 
 # Unwritten VMEM starts as NaN, so an output block the kernel never stores shows up.

@@ -14,9 +14,12 @@ import pytest
 from flax import nnx
 
 from sea_jax.sea import (adaptive_avg_pool_matrix, bin_bounds, bin_index, causal_linear_attention,
-                         Estimator, expand_mask, grouped_topk_mask, nonempty_bins,
+                         Estimator, expand_mask, grouped_topk_mask, masked_bin_softmax,
+                         nonempty_bins,
                          num_random_features, orthogonal_random_features, relu_features,
-                         row_budget, sparse_attention)
+                         row_budget, sparse_attention, sparse_attention_reference,
+                         tile_ladder)
+from sea_jax.sea.sparse import causal_visited_tiles
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -318,16 +321,21 @@ def test_expand_mask_matches_reference(T, K):
 # --- sparse attention --------------------------------------------------------------------------
 
 
+SPARSE_OPS = {"tiles": sparse_attention, "reference": sparse_attention_reference}
+
+
+@pytest.mark.parametrize("op", SPARSE_OPS)
 @pytest.mark.parametrize("N,H,T,d,K,block", [(2, 3, 37, 16, 8, 16), (1, 2, 300, 64, 256, 128),
                                              (1, 2, 64, 32, 64, 64), (2, 1, 20, 8, 64, 128),
-                                             (1, 2, 33, 80, 16, 1)])
-def test_sparse_attention_matches_dense_reference(N, H, T, d, K, block):
+                                             (1, 2, 33, 80, 16, 1), (1, 3, 130, 16, 16, 32)])
+def test_sparse_attention_matches_dense_reference(N, H, T, d, K, block, op):
   rng, seed = make_rng()
   q, k, v = (rng.standard_normal((N, H, T, d)).astype(np.float32) for _ in range(3))
   q *= d ** -0.5
   mask = rng.random((N, H, T, K)) < 0.3
   mask[:, :, ::5] = False  # rows with nothing kept
-  got = np.asarray(sparse_attention(*map(jnp.asarray, (q, k, v, mask)), query_block=block))
+  mask[:, -1, 7] = True    # and a dense one
+  got = np.asarray(SPARSE_OPS[op](*map(jnp.asarray, (q, k, v, mask)), query_block=block))
   want = ref_masked_attention(q, k, v, ref_expand(mask))
   assert got.dtype == np.float32
   assert rel_err(got, want) <= 1e-5, f"seed={seed}: rel err {rel_err(got, want)}"
@@ -335,7 +343,8 @@ def test_sparse_attention_matches_dense_reference(N, H, T, d, K, block):
   assert empty.any() and (got[empty] == 0).all(), f"seed={seed}"
 
 
-def test_sparse_attention_gradients_match_dense():
+@pytest.mark.parametrize("op", SPARSE_OPS)
+def test_sparse_attention_gradients_match_dense(op):
   rng, seed = make_rng()
   N, H, T, d, K = 1, 2, 45, 16, 8
   q, k, v, w = (jnp.asarray(rng.standard_normal((N, H, T, d)), jnp.float32) for _ in range(4))
@@ -349,10 +358,43 @@ def test_sparse_attention_gradients_match_dense():
     return jnp.einsum("nhts,nhsd->nhtd", p, v)
 
   loss = lambda f: lambda *a: jnp.sum(f(*a) * w)  # noqa: E731
-  got = jax.grad(loss(lambda *a: sparse_attention(*a, mask, query_block=16)), (0, 1, 2))(q, k, v)
+  got = jax.grad(loss(lambda *a: SPARSE_OPS[op](*a, mask, query_block=16)), (0, 1, 2))(q, k, v)
   want = jax.grad(loss(dense_attn), (0, 1, 2))(q, k, v)
   for name, g, r in zip("qkv", got, want):
     assert rel_err(g, r) <= 1e-5, f"seed={seed}: d{name} rel err {rel_err(g, r)}"
+
+
+def test_sparse_attention_visits_only_tiles_with_kept_keys_and_any_rung_is_exact():
+  """The tile list holds exactly the causal tiles with a kept key; a ladder whose low rungs are
+  too small falls through to one that fits, and every rung that fits gives the same output."""
+  rng, seed = make_rng()
+  N, H, T, d, K, B = 1, 4, 200, 16, 64, 32
+  q, k, v = (jnp.asarray(rng.standard_normal((N, H, T, d)), jnp.float32) for _ in range(3))
+  probs = jax.nn.softmax(jnp.asarray(rng.standard_normal((N, H, T, K)) * 3, jnp.float32), -1)
+  mask = grouped_topk_mask(masked_bin_softmax(jnp.log(probs)), 2)  # heads compete, t + 1 < K too
+  visited = np.asarray(causal_visited_tiles(mask, B))
+  dense = ref_expand(np.asarray(mask))
+  nb = -(-T // B)
+  pad = np.zeros((N, H, nb * B, nb * B), bool)
+  pad[:, :, :T, :T] = dense
+  want_tiles = pad.reshape(N, H, nb, B, nb, B).any(axis=(3, 5))
+  assert np.array_equal(visited, want_tiles), f"seed={seed}"
+  n_visited = int(visited.sum())
+  total = N * H * nb * (nb + 1) // 2
+  assert 0 < n_visited < total, f"seed={seed}"
+  want = ref_masked_attention(*(np.asarray(x) for x in (q, k, v)), dense)
+  for caps in ((1, 2, total), (n_visited, total), (n_visited - 1, n_visited + 3, total), (total,)):
+    got = sparse_attention(q, k, v, mask, query_block=B, capacities=caps)
+    assert rel_err(got, want) <= 1e-5, f"seed={seed} capacities={caps}"
+  with pytest.raises(ValueError, match="every causal tile"):
+    sparse_attention(q, k, v, mask, query_block=B, capacities=(n_visited,))
+
+
+def test_tile_ladder_ends_with_every_causal_tile():
+  caps = tile_ladder(12, 32)
+  assert caps[-1] == 12 * 32 * 33 // 2 and list(caps) == sorted(set(caps))
+  assert caps[0] <= caps[-1] / 16 / 0.5 and len(caps) <= 6
+  assert tile_ladder(64, 4) == (64 * 10,)
 
 
 def test_sparse_attention_bf16():

@@ -5,7 +5,7 @@ from sea_jax.sea.layer import (PerformerAttention, RandomFeatures, SEAAttention,
                                masked_bin_softmax, sparse_dispatch)
 from sea_jax.sea.performer import (causal_linear_attention, num_random_features,
                                    orthogonal_random_features, relu_features)
-from sea_jax.sea.sparse import sparse_attention
+from sea_jax.sea.sparse import sparse_attention, sparse_attention_reference, tile_ladder
 from sea_jax.sea.topk import check_k, expand_mask, grouped_topk_mask, row_budget
 
 __all__ = [
@@ -15,6 +15,6 @@ __all__ = [
     "sparse_dispatch",
     "causal_linear_attention", "num_random_features", "orthogonal_random_features",
     "relu_features",
-    "sparse_attention",
+    "sparse_attention", "sparse_attention_reference", "tile_ladder",
     "check_k", "expand_mask", "grouped_topk_mask", "row_budget",
 ]

@@ -1,14 +1,21 @@
 """Sparse causal attention under a compressed mask (SEA_SPEC §1.5), pure JAX, O(T) memory.
 
 The dense mask M[t,s] = M̂[t, bin_t(s)] (s <= t) is a closed function of (t, s, M̂[t]), so it is
-rebuilt per block of query rows and never stored for all T × T pairs.
+rebuilt per tile and never stored for all T × T pairs.
+
+`sparse_attention` (the contract) visits only the (head, query block, key block) tiles that
+hold a kept key (`block_map.visited_tiles`), so its work follows the kept keys; see the tile-list
+section below. `sparse_attention_reference` is the plain form it is tested against: every
+query block against all T keys (quadratic work, linear memory).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sea_jax.sea.bins import bin_index
+from sea_jax.sea.block_map import visited_tiles
 
 
 def _block_mask(rows: jax.Array, T: int, mask_rows: jax.Array) -> jax.Array:
@@ -21,8 +28,8 @@ def _block_mask(rows: jax.Array, T: int, mask_rows: jax.Array) -> jax.Array:
   return jnp.take_along_axis(mask_rows, idx, axis=-1) & (s <= t)
 
 
-def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, compressed_mask: jax.Array, *,
-                     query_block: int = 128) -> jax.Array:
+def sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
+                               compressed_mask: jax.Array, *, query_block: int = 128) -> jax.Array:
   """softmax over kept keys, times v: q, k, v (N,H,T,d), M̂ (N,H,T,K) bool -> (N,H,T,d).
 
   q is already scaled. Scores and softmax are fp32 (fp64 for fp64 inputs); a row with nothing kept gives zeros.
@@ -64,3 +71,189 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, compressed_mask: 
   _, out = jax.lax.scan(step, None, (q_blocks, m_blocks, starts))
   out = out.transpose(1, 2, 0, 3, 4).reshape(N, H, n_blocks * B, d)
   return out[:, :, :T].astype(v.dtype)
+
+
+
+# ------------------------------------------------------------------ tile-list sparse attention
+#
+# Every visited (head, query block, key block) tile goes into one flat list, processed by a
+# `lax.scan` with flash-attention's online softmax into per-query-block accumulators; the
+# backward (custom VJP) recomputes each tile from the saved log-sum-exp. The list's static
+# length C is chosen per call from a ladder (`tile_ladder`) as the smallest rung that holds
+# every visited tile; the top rung holds every causal tile, so no kept key is ever dropped.
+
+_EMPTY = 1e30  # finite stand-ins for -inf / the lse of a row with nothing kept
+
+
+def tile_ladder(num_heads: int, num_blocks: int, ratio: float = 0.5,
+                floor_fraction: float = 1 / 16) -> tuple[int, ...]:
+  """Static tile-list lengths, ascending: every causal tile of every head (the last, which no
+  mask exceeds), then x `ratio` per rung down to `floor_fraction` of it. Each rung is one
+  compiled branch; a call pays for its rung, at most 1 / ratio times its visited tiles. Up to
+  4 query blocks there is one rung: so few tiles leave little to skip, and compiles stay short."""
+  total = num_heads * num_blocks * (num_blocks + 1) // 2
+  if num_blocks <= 4:
+    return (total,)
+  caps, c = [], total
+  while c >= max(1, total * floor_fraction):
+    caps.append(c)
+    c = int(c * ratio)
+  return tuple(sorted(set(caps)))
+
+
+def causal_visited_tiles(compressed_mask: jax.Array, query_block: int) -> jax.Array:
+  """(N,H,nb,nb) bool: the causal tiles (key block <= query block) that hold a kept key."""
+  vis = visited_tiles(compressed_mask, block_q=query_block, block_k=query_block)
+  nb = vis.shape[-1]
+  return vis & (jnp.arange(nb)[None, :] <= jnp.arange(nb)[:, None])
+
+
+def _tile_list(visited, C: int):
+  """(NH,nb,nb) bool -> (head, qblock, kblock, valid), each (C,), in (head, qblock) order."""
+  NH, nb, _ = visited.shape
+  flat = visited.reshape(-1)
+  (idx,) = jnp.nonzero(flat, size=C, fill_value=0)
+  valid = jnp.arange(C) < jnp.sum(flat)
+  head, rest = idx // (nb * nb), idx % (nb * nb)
+  return head.astype(jnp.int32), (rest // nb).astype(jnp.int32), (rest % nb).astype(jnp.int32), valid
+
+
+def _tile_mask(m_rows, qb, kb, B: int):
+  """(B,B) bool dense mask of tile (qb, kb) from its query rows' compressed mask (B,K)."""
+  K = m_rows.shape[-1]
+  t = qb * B + jnp.arange(B, dtype=jnp.int32)[:, None]
+  s = kb * B + jnp.arange(B, dtype=jnp.int32)[None, :]
+  bins = jnp.clip(bin_index(t, s, K), 0, K - 1)
+  return jnp.take_along_axis(m_rows, bins, axis=-1) & (s <= t)
+
+
+def _blocks(x, B):
+  NH = x.shape[0] * x.shape[1]
+  return x.reshape(NH, x.shape[2] // B, B, x.shape[-1])
+
+
+def _tiles_forward(q, k, v, cm, tiles, B: int):
+  """(out (NH,nb,B,d) fp32, lse (NH,nb,B) fp32) over the tiles."""
+  qb_, kb_, vb_, mb_ = (_blocks(x, B) for x in (q, k, v, cm))
+  NH, nb, _, d = qb_.shape
+  acc = jnp.result_type(jnp.float32, q.dtype, k.dtype)
+  o = jnp.zeros((NH, nb, B, d), acc)
+  m = jnp.full((NH, nb, B), -_EMPTY, acc)
+  l = jnp.zeros((NH, nb, B), acc)
+
+  def step(carry, tile):
+    o, m, l = carry
+    h, i, j, ok = tile
+    mask = _tile_mask(mb_[h, i], i, j, B) & ok
+    s = jnp.dot(qb_[h, i], kb_[h, j].T, preferred_element_type=acc)
+    m_old, l_old, o_old = m[h, i], l[h, i], o[h, i]
+    m_new = jnp.maximum(m_old, jnp.max(jnp.where(mask, s, -_EMPTY), axis=-1))
+    p = jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - m_new[:, None]), 0.0)
+    scale = jnp.exp(m_old - m_new)
+    l = l.at[h, i].set(l_old * scale + jnp.sum(p, axis=-1))
+    o = o.at[h, i].set(o_old * scale[:, None] + jnp.dot(
+        p.astype(v.dtype), vb_[h, j], preferred_element_type=acc))
+    return (o, m.at[h, i].set(m_new), l), None
+
+  (o, m, l), _ = jax.lax.scan(step, (o, m, l), tiles)
+  nonempty = l > 0
+  out = o / jnp.where(nonempty, l, 1.0)[..., None]
+  lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), _EMPTY)
+  return out, lse
+
+
+def _tiles_backward(q, k, v, cm, tiles, out, lse, d_out, B: int):
+  qb_, kb_, vb_, mb_ = (_blocks(x, B) for x in (q, k, v, cm))
+  acc = lse.dtype
+  do = _blocks(d_out, B).astype(acc)
+  delta = jnp.sum(do * out, axis=-1)                                   # (NH,nb,B)
+  dq = jnp.zeros(qb_.shape, acc)
+  dk = jnp.zeros(kb_.shape, acc)
+  dv = jnp.zeros(vb_.shape, acc)
+
+  def step(carry, tile):
+    dq, dk, dv = carry
+    h, i, j, ok = tile
+    mask = _tile_mask(mb_[h, i], i, j, B) & ok
+    qt, kt, vt = qb_[h, i], kb_[h, j], vb_[h, j]
+    s = jnp.dot(qt, kt.T, preferred_element_type=acc)
+    p = jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - lse[h, i][:, None]), 0.0)
+    dot = do[h, i]
+    dv = dv.at[h, j].add(jnp.dot(p.T, dot))
+    dp = jnp.dot(dot, vt.T.astype(acc))
+    ds = p * (dp - delta[h, i][:, None])
+    dq = dq.at[h, i].add(jnp.dot(ds, kt.astype(acc)))
+    dk = dk.at[h, j].add(jnp.dot(ds.T, qt.astype(acc)))
+    return (dq, dk, dv), None
+
+  (dq, dk, dv), _ = jax.lax.scan(step, (dq, dk, dv), tiles)
+  return dq, dk, dv
+
+
+@jax.custom_vjp
+def _tile_core(q, k, v, cm, tiles, B_arr):
+  B = B_arr.shape[0]
+  out, _ = _tiles_forward(q, k, v, cm, tiles, B)
+  return out
+
+
+def _tile_core_fwd(q, k, v, cm, tiles, B_arr):
+  B = B_arr.shape[0]
+  out, lse = _tiles_forward(q, k, v, cm, tiles, B)
+  return out, (q, k, v, cm, tiles, B_arr, out, lse)
+
+
+def _tile_core_bwd(res, d_out):
+  q, k, v, cm, tiles, B_arr, out, lse = res
+  B = B_arr.shape[0]
+  N, H, Tp, d = q.shape
+  d_out = d_out.reshape(N, H, Tp, d)
+  dq, dk, dv = _tiles_backward(q, k, v, cm, tiles, out, lse, d_out, B)
+  shape = lambda g, x: g.reshape(x.shape).astype(x.dtype)
+  zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+  return (shape(dq, q), shape(dk, k), shape(dv, v), zero(cm),
+          tuple(zero(t) for t in tiles), zero(B_arr))
+
+
+_tile_core.defvjp(_tile_core_fwd, _tile_core_bwd)
+
+
+def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, compressed_mask: jax.Array, *,
+                     query_block: int = 128, capacities: tuple[int, ...] | None = None
+                     ) -> jax.Array:
+  """softmax over kept keys, times v: q, k, v (N,H,T,d), M̂ (N,H,T,K) bool -> (N,H,T,d).
+
+  Equals `sparse_attention_reference`: q already scaled; fp32 scores, softmax and
+  accumulation (fp64 for fp64 inputs); a row with nothing kept gives zeros; output v.dtype.
+  Tiles are query_block × query_block. Work: the visited tiles, rounded up to the rung of
+  `capacities` (default `tile_ladder`; its last entry must hold every causal tile of every
+  head). Memory: O(T·d) accumulators plus the (N·H, nb, nb) block map; nothing T × T.
+  """
+  N, H, T, d = q.shape
+  B = max(1, min(query_block, T))
+  nb = -(-T // B)
+  pad = nb * B - T
+  if pad:
+    widths = ((0, 0), (0, 0), (0, pad), (0, 0))
+    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    compressed_mask = jnp.pad(compressed_mask, widths)
+  visited = causal_visited_tiles(jax.lax.stop_gradient(compressed_mask), B)
+  visited = visited.reshape(N * H, nb, nb)
+  caps = tuple(capacities) if capacities is not None else tile_ladder(N * H, nb)
+  if list(caps) != sorted(caps) or caps[-1] < N * H * nb * (nb + 1) // 2:
+    raise ValueError(f"capacities must ascend to every causal tile ({N * H * nb * (nb + 1) // 2})"
+                     f", got {caps}")
+  need = jnp.sum(visited)
+  rung = jnp.sum(need > jnp.asarray(caps[:-1], jnp.int32)) if len(caps) > 1 else 0
+  B_arr = np.zeros((B,), np.int8)
+
+  def branch(C):
+    def run(q, k, v, cm, visited):
+      tiles = _tile_list(visited, C)
+      return _tile_core(q, k, v, cm, tiles, B_arr)
+    return run
+
+  out = jax.lax.switch(rung, [branch(C) for C in caps], q, k, v, compressed_mask, visited)
+  out = out.reshape(N, H, nb * B, d)
+  return out[:, :, :T].astype(v.dtype)
+

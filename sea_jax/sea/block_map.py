@@ -1,8 +1,9 @@
 """Block map and tile index math for SEA sparse attention (shared by every kernel backend).
 
-Host-side preprocessing, separate from the kernels and jit-able: from the compressed mask
-(N, H, T, K) find, per (n, h) and query block, which key blocks hold any kept entry, in
-O(T*K) work plus block-level O(T^2 / (block_q * block_k)) arrays. Nothing T x T is built.
+Shared by the XLA block-sparse path (sea_jax.sea.sparse) and the Pallas kernels, jit-able:
+from the compressed mask (N, H, T, K) find, per (n, h) and query block, which key blocks hold
+any kept entry, in O(T*K) work plus block-level O(T^2 / (block_q * block_k)) arrays. Nothing
+T x T is built.
 
 Each kept cell (t, b) stands for the key interval [bin_start(t, b), bin_start(t, b + 1)),
 i.e. key blocks [start // block_k, (end - 1) // block_k] of query block t // block_q. These
