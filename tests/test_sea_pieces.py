@@ -20,6 +20,7 @@ from sea_jax.sea import (adaptive_avg_pool_matrix, bin_bounds, bin_index, causal
                          row_budget, sparse_attention, sparse_attention_reference,
                          tile_ladder)
 from sea_jax.sea.sparse import causal_visited_tiles
+from sea_jax.sea.topk import static_row_budget
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -235,6 +236,20 @@ def test_grouped_topk_matches_reference(N, H, T, K, k):
   assert np.array_equal(got, ref_topk(probs, k)), f"seed={seed}"
   traced = jax.jit(grouped_topk_mask)(jnp.asarray(probs), jnp.int32(k))
   assert np.array_equal(np.asarray(traced), got), f"seed={seed} (traced k)"
+
+
+def test_grouped_topk_by_top_k_equals_the_sort_with_ties_over_many_octaves():
+  """A Python-int k takes lax.top_k per octave of rows; a traced k the full sort: same mask,
+  ties included (scores rounded to few levels), T spanning 11 octaves, budgets from H·K to 1."""
+  rng, seed = make_rng()
+  N, H, T, K, k = 2, 3, 1500, 32, 2
+  probs = np.round(random_probs(rng, N, H, T, K) * 20) / 20
+  by_top_k = jax.jit(lambda p: grouped_topk_mask(p, k))(jnp.asarray(probs))
+  by_sort = jax.jit(grouped_topk_mask)(jnp.asarray(probs), jnp.int32(k))
+  assert np.array_equal(np.asarray(by_top_k), np.asarray(by_sort)), f"seed={seed}"
+  assert np.array_equal(np.asarray(by_top_k)[:, :, :300], ref_topk(probs[:, :, :300], k)), \
+      f"seed={seed}"
+  assert np.array_equal(static_row_budget(T, H, K, k), np.asarray(row_budget(T, H, K, k)))
 
 
 @pytest.mark.parametrize("case", range(10))

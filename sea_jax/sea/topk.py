@@ -26,6 +26,14 @@ def row_budget(T: int, H: int, K: int, k) -> jax.Array:
   return jnp.clip(floor + up.astype(jnp.int32), 1, H * K)
 
 
+def static_row_budget(T: int, H: int, K: int, k: int) -> np.ndarray:
+  """`row_budget` for a Python-int k, in NumPy (static under jit)."""
+  q = np.arange(1, T + 1, dtype=np.int64)
+  floor, rem = divmod(np.int64(k) * (H * K), q)
+  up = (2 * rem > q) | ((2 * rem == q) & (floor % 2 == 1))
+  return np.clip(floor + up, 1, H * K).astype(np.int32)
+
+
 def grouped_topk_mask(est_probs: jax.Array, k) -> jax.Array:
   """Compressed mask M̂, bool (N,H,T,K), from estimated probabilities Â (N,H,T,K).
 
@@ -41,15 +49,41 @@ def grouped_topk_mask(est_probs: jax.Array, k) -> jax.Array:
   score = jnp.where(nonempty[None, None], probs, -1.0)
   score = score.transpose(0, 2, 1, 3).reshape(N, T, H * K)
   cells = jax.lax.broadcasted_iota(jnp.int32, score.shape, 2)
-  # One sort of (-score, cell) pairs; the budget-th pair is the threshold, and a cell is kept
-  # iff its pair sorts at or before it (higher score, or equal score and lower flat index).
-  neg_sorted, cells_sorted = jax.lax.sort((-score, cells), dimension=2, num_keys=2)
-  last = jnp.broadcast_to((budget - 1)[None, :, None], (N, T, 1))
-  neg_thr = jnp.take_along_axis(neg_sorted, last, axis=2)
-  cell_thr = jnp.take_along_axis(cells_sorted, last, axis=2)
-  keep = (-score < neg_thr) | ((-score == neg_thr) & (cells <= cell_thr))
+  # The budget-th (score, cell) pair in (score descending, cell ascending) order is the row's
+  # threshold; a cell is kept iff its pair comes at or before it.
+  if isinstance(k, (int, np.integer)):
+    thr, cell_thr = _thresholds_by_top_k(score, static_row_budget(T, H, K, int(k)))
+  else:
+    thr, cell_thr = _thresholds_by_sort(score, cells, budget)
+  keep = (score > thr) | ((score == thr) & (cells <= cell_thr))
   keep = keep.reshape(N, T, H, K).transpose(0, 2, 1, 3)
   return keep & nonempty[None, None]
+
+
+def _thresholds_by_sort(score, cells, budget):
+  """One sort of (-score, cell) pairs per row (any budget, traced k included)."""
+  N, T, _ = score.shape
+  neg_sorted, cells_sorted = jax.lax.sort((-score, cells), dimension=2, num_keys=2)
+  last = jnp.broadcast_to((budget - 1)[None, :, None], (N, T, 1))
+  thr = -jnp.take_along_axis(neg_sorted, last, axis=2)
+  return thr, jnp.take_along_axis(cells_sorted, last, axis=2)
+
+
+def _thresholds_by_top_k(score, budget: np.ndarray):
+  """`lax.top_k` per octave of rows [2^j - 1, 2^(j+1) - 1) with that octave's largest budget
+  (static: k is a Python int), far less work than a full sort once c_t << H·K. top_k orders
+  equal values by lower index first, the same order as the sort's (score, cell) keys."""
+  N, T, _ = score.shape
+  thr, cell_thr, start = [], [], 0
+  while start < T:
+    stop = min(T, 2 * start + 1)
+    c = budget[start:stop]
+    values, index = jax.lax.top_k(score[:, start:stop], int(c.max()))
+    last = jnp.broadcast_to(jnp.asarray(c - 1, jnp.int32)[None, :, None], (N, stop - start, 1))
+    thr.append(jnp.take_along_axis(values, last, axis=2))
+    cell_thr.append(jnp.take_along_axis(index, last, axis=2).astype(jnp.int32))
+    start = stop
+  return jnp.concatenate(thr, axis=1), jnp.concatenate(cell_thr, axis=1)
 
 
 def expand_mask(compressed_mask: jax.Array, T: int) -> jax.Array:
