@@ -29,7 +29,17 @@ def read_lines(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip().startswith("{")]
 
 
-def _perplexity_tables(results: str, trained_k: int) -> tuple[list[str], dict]:
+def _k_train(run: str) -> str | None:
+  """The SEA student's --sea-k-train (dynamic-k training), or None."""
+  path = os.path.join(run, "sea", "train_config.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("args", {}).get("sea_k_train")
+
+
+def _perplexity_tables(results: str, trained_k: int, k_train: str | None = None
+                       ) -> tuple[list[str], dict]:
   md, sweeps = [], {}
   for text, title in TEXTS.items():
     r = {name: read_lines(os.path.join(results, f"{name}_{text}.jsonl"))
@@ -57,7 +67,9 @@ def _perplexity_tables(results: str, trained_k: int) -> tuple[list[str], dict]:
       k = line.get("sea_k") if line["attention"] == "sea" else "–"
       md.append(f"| {name} | {line['attention']} | {k} | {line['perplexity']:.2f} | "
                 f"{line['perplexity'] / teacher['perplexity']:.3f} |")
-    md += ["", f"Dynamic k (the SEA student, trained at k = {trained_k}; k = "
+    how = (f"trained at k drawn from [{k_train.replace(',', ', ')}], default k = {trained_k}"
+           if k_train else f"trained at k = {trained_k}")
+    md += ["", f"Dynamic k (the SEA student, {how}; k = "
            f"{teacher['seq_len']} keeps every visible key):", "",
            "| k | " + " | ".join(str(l["sea_k"]) for l in sweep) + " |",
            "|---|" + "---|" * len(sweep),
@@ -166,7 +178,8 @@ def main() -> None:
   p.add_argument("--out", required=True, help="report folder")
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
-  md, sweeps = _perplexity_tables(os.path.join(args.run, "results"), args.trained_k)
+  md, sweeps = _perplexity_tables(os.path.join(args.run, "results"), args.trained_k,
+                                  _k_train(args.run))
   md += ["Per layer, SEA student, first logged step → mean of the last ten logged steps:", ""]
   md += _final_layers(args.run) + ["", "Stages:", ""] + _stage_table(args.run)
   with open(os.path.join(args.out, "results.md"), "w") as f:
