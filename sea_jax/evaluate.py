@@ -252,7 +252,7 @@ def _run_eval(args) -> int:
                      text=None)
       else:
         where = dict(protocol="text-file", split=None, text=text_path)
-      for k in ks:
+      for k in (ks if cfg.attention == "sea" else [None]):  # one line per k for SEA only
         result = perplexity(model, windows, batch_size=batch_size, mesh=mesh, sea_k=k,
                             progress=not args.no_progress,
                             desc=f"{os.path.basename(os.path.normpath(path))} {cfg.attention}")

@@ -222,9 +222,10 @@ def test_eval_text_file_counts_tokens_like_the_tokenizer(models, tmp_path):
   path = tmp_path / "t.txt"
   path.write_text(text, encoding="utf-8")
   proc = run("eval.py", "--model", ours, "--text-file", path, "--seq-len", "64",
-             "--sea-k", "8", "--no-progress")
+             "--sea-k", "8,16", "--no-progress")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "--sea-k has no effect on dense attention" in proc.stderr
+  assert len(proc.stdout.splitlines()) == 1  # a dense model is evaluated once, not once per k
   line = json.loads(proc.stdout.splitlines()[-1])
   n = len(load_tokenizer(str(ours))(text, add_special_tokens=False)["input_ids"])
   assert (line["tokens"], line["windows"], line["text"]) == (n, n // 64, str(path))
