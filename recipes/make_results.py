@@ -106,10 +106,17 @@ def _final_layers(run: str) -> list[str]:
   tail = m[-10:]  # the last logged steps, averaged
   avg = lambda key: sum(r[key] for r in tail) / len(tail)
   first = m[0]
-  md = ["| layer | coverage (start → end) | s_prob (start → end) | s_mix (start → end) |",
-        "|---|---|---|---|"]
+  held = {}
+  path = os.path.join(run, "results", "coverage_heldout.json")
+  if os.path.isfile(path):  # recipes/coverage.py at the default k on the held-out books
+    with open(path) as f:
+      held = json.load(f)
+  col = f"coverage at k = {held['sea_k']}, held-out |" if held else ""
+  md = [f"| layer | coverage in training (start → end) | {col} s_prob (start → end) | "
+        "s_mix (start → end) |", "|---|---|---|---|" + ("---|" if held else "")]
   for i in layers:
-    md.append(f"| {i} | {first[f'coverage_{i}']:.3f} → {avg(f'coverage_{i}'):.3f} | "
+    cell = f" {held[f'coverage_{i}']:.3f} |" if held else ""
+    md.append(f"| {i} | {first[f'coverage_{i}']:.3f} → {avg(f'coverage_{i}'):.3f} |{cell} "
               f"{first[f's_prob_{i}']:.3f} → {avg(f's_prob_{i}'):.3f} | "
               f"{first[f's_mix_{i}']:.3f} → {avg(f's_mix_{i}'):.3f} |")
   return md

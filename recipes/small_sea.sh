@@ -81,6 +81,11 @@ for text in heldout wikitext; do
   run sea_sweep --model "$OUT/sea/final" --sea-k "$KS"
   run performer --model "$OUT/performer/final"
 done
+if [[ ! -s "$R/coverage_heldout.json" ]]; then  # the kept mask's coverage at the default k
+  python recipes/coverage.py --teacher "$OUT/teacher/final" --student "$OUT/sea/final" \
+    --text-file "$DATA/heldout.txt" --seq-len "$SEQ" --sea-k "$SEA_k" > "$R/coverage_heldout.json.tmp"
+  mv -f "$R/coverage_heldout.json.tmp" "$R/coverage_heldout.json"
+fi
 python recipes/make_results.py --run "$OUT" --trained-k "$SEA_k" --out "$OUT/report"
 
 echo "== pictures: what the distilled SEA student keeps, against its teacher" >&2
