@@ -250,9 +250,15 @@ def copy_tokenizer(src: str, dst: str) -> None:
     if os.path.isfile(os.path.join(src, name)):
       shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
       copied = True
+  from sea_jax.data import TokenizerError, load_tokenizer, save_tokenizer
   if not copied:
-    from sea_jax.data import load_tokenizer, save_tokenizer
     save_tokenizer(load_tokenizer(None), dst)
+    return
+  try:
+    load_tokenizer(dst)  # a truncated tokenizer.json must not become a model folder
+  except TokenizerError:
+    raise ConvertError(f"the tokenizer files of {src} cannot be loaded; they may be truncated "
+                       "or corrupt (nothing was written)") from None
 
 
 def hf_to_model_folder(src: str, dst: str, *, attention: str = "dense", sea: SEAConfig | None = None,

@@ -36,6 +36,10 @@ class DataUnavailableError(UserError, RuntimeError):
   """Data that is neither bundled nor reachable."""
 
 
+class TokenizerError(UserError, ValueError):
+  """Tokenizer files that exist but cannot be loaded (truncated, corrupt)."""
+
+
 class TextFileError(UserError, ValueError):
   """A text file that cannot be used: missing, unreadable, binary, not UTF-8 or empty."""
 
@@ -98,7 +102,12 @@ def load_tokenizer(model_dir: str | None = None):
     if not has_tokenizer_files(folder):
       return bundled_tokenizer()
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(folder))
+    try:
+      return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:  # noqa: BLE001 - tokenizers/transformers raise many kinds here
+      first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+      raise TokenizerError(f"the tokenizer files in {folder} cannot be loaded ({first}); they "
+                           "may be truncated or corrupt") from None
   try:
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(model_dir)

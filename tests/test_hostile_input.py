@@ -290,3 +290,56 @@ def test_refused_resume_keeps_the_runs_record(tmp_path):
              "--save-every", 1, "--no-progress")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "already at step 2, past --steps 1" in proc.stderr
+
+
+# ---------------------------------------------------------------------------- damaged inputs
+
+
+def _copy(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+  import shutil
+  shutil.copytree(src, dst)
+  return dst
+
+
+def _truncate(path: pathlib.Path) -> None:
+  path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
+
+
+@pytest.mark.parametrize("damage", ["config.json", "tokenizer.json", "model.safetensors",
+                                    "wrong family"])
+def test_convert_a_damaged_or_foreign_hf_folder_is_one_line(models, tmp_path, damage):
+  import json
+  hf, _ = models
+  src = _copy(hf, tmp_path / "src")
+  if damage == "wrong family":
+    config = json.loads((src / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (src / "config.json").write_text(json.dumps(config))
+  else:
+    _truncate(src / damage)
+  before = tree_digest(src)
+  proc = run("-m", "sea_jax.convert", src, tmp_path / "out")
+  assert_one_line_error(proc, "gpt2" if damage == "wrong family" else "")
+  assert not (tmp_path / "out").exists() and tree_digest(src) == before
+
+
+@pytest.mark.parametrize("damage", ["config.json", "tokenizer.json", "params/_METADATA",
+                                    "params/manifest.ocdbt", "wrong family"])
+def test_eval_a_damaged_or_foreign_model_folder_is_one_line(models, tmp_path, damage):
+  import json
+  _, ours = models
+  src = _copy(ours, tmp_path / "src")
+  target = src / damage
+  if damage == "wrong family":
+    config = json.loads((src / "config.json").read_text())
+    config["model_type"] = "llama"
+    (src / "config.json").write_text(json.dumps(config))
+  elif not target.exists():
+    pytest.skip(f"this Orbax version writes no {damage}")
+  else:
+    _truncate(target)
+  before = tree_digest(src)
+  proc = run("eval.py", "--model", src, "--seq-len", "32", "--max-windows", "1",
+             "--no-progress")
+  assert_one_line_error(proc, "llama" if damage == "wrong family" else "")
+  assert tree_digest(src) == before
