@@ -116,8 +116,8 @@ def test_gradients_match_finite_differences():
 
   Unit-norm random directions, Richardson-extrapolated differences at eps and eps/2. The shared
   LayerNorm keeps fp32 statistics, so agreement is ~1e-4 (relative, or of the gradient's norm
-  for near-orthogonal directions), not fp64-exact. Directions that would
-  flip the (non-differentiable) top-k mask are redrawn.
+  for near-orthogonal directions), not fp64-exact. Directions that would flip the
+  (non-differentiable) top-k mask are redrawn; three directions per input, two must agree.
   """
   rng, seed = make_rng()
   with float64():
@@ -140,7 +140,10 @@ def test_gradients_match_finite_differences():
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads)), f"seed={seed}"
     eps = 2e-2
     for part, name in enumerate(("params", "q", "k", "v")):
-      for _ in range(20):
+      exact_grad = grads[part]
+      scale = float(np.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(exact_grad))))
+      checked = []  # (finite difference, gradient) of mask-preserving directions
+      for _ in range(40):
         u = jax.tree.map(lambda x: rng.standard_normal(x.shape), x0[part])
         norm = np.sqrt(sum(np.sum(a * a) for a in jax.tree.leaves(u)))
         u = jax.tree.map(lambda a: jnp.asarray(a / norm), u)
@@ -153,15 +156,16 @@ def test_gradients_match_finite_differences():
           same_mask &= np.array_equal(mp, mask0) and np.array_equal(mm, mask0)
           diffs.append(float(fp - fm) / (2 * h))
         if same_mask:
-          break
-      else:
-        pytest.fail(f"seed={seed}: every direction flipped the mask")
-      fd = (4 * diffs[1] - diffs[0]) / 3
-      exact = float(sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads[part]),
-                                                       jax.tree.leaves(u))))
-      scale = float(np.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads[part]))))
-      assert abs(fd - exact) <= 3e-3 * abs(exact) + 1e-4 * scale, \
-          f"seed={seed}: d/d{name}: finite difference {fd} vs gradient {exact}"
+          exact = float(sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(exact_grad),
+                                                           jax.tree.leaves(u))))
+          checked.append(((4 * diffs[1] - diffs[0]) / 3, exact))
+          if len(checked) == 3:
+            break
+      assert len(checked) == 3, f"seed={seed}: too many directions flipped the mask"
+      # A wrong gradient fails every direction; a ReLU kink (Performer features, estimator)
+      # inside [-eps, eps] of one random direction can spoil that one only: 2 of 3 must agree.
+      good = [abs(fd - g) <= 3e-3 * abs(g) + 1e-4 * scale for fd, g in checked]
+      assert sum(good) >= 2, f"seed={seed}: d/d{name}: (finite difference, gradient) {checked}"
 
 
 def test_jit_matches_eager_and_batch_rows_are_independent():
