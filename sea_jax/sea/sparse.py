@@ -10,6 +10,8 @@ query block against all T keys (quadratic work, linear memory).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,7 +75,6 @@ def sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
   return out[:, :, :T].astype(v.dtype)
 
 
-
 # ------------------------------------------------------------------ tile-list sparse attention
 #
 # Every visited (head, query block, key block) tile goes into one flat list, processed by a
@@ -115,7 +116,8 @@ def _tile_list(visited, C: int):
   (idx,) = jnp.nonzero(flat, size=C, fill_value=0)
   valid = jnp.arange(C) < jnp.sum(flat)
   head, rest = idx // (nb * nb), idx % (nb * nb)
-  return head.astype(jnp.int32), (rest // nb).astype(jnp.int32), (rest % nb).astype(jnp.int32), valid
+  as_int = lambda x: x.astype(jnp.int32)  # noqa: E731
+  return as_int(head), as_int(rest // nb), as_int(rest % nb), valid
 
 
 def _tile_mask(m_rows, qb, kb, B: int):
@@ -190,29 +192,24 @@ def _tiles_backward(q, k, v, cm, tiles, out, lse, d_out, B: int):
   return dq, dk, dv
 
 
-@jax.custom_vjp
-def _tile_core(q, k, v, cm, tiles, B_arr):
-  B = B_arr.shape[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _tile_core(q, k, v, cm, tiles, B: int):
+  """(NH, nb, B, d) attention over the tile list; B (the tile size) is static."""
   out, _ = _tiles_forward(q, k, v, cm, tiles, B)
   return out
 
 
-def _tile_core_fwd(q, k, v, cm, tiles, B_arr):
-  B = B_arr.shape[0]
+def _tile_core_fwd(q, k, v, cm, tiles, B: int):
   out, lse = _tiles_forward(q, k, v, cm, tiles, B)
-  return out, (q, k, v, cm, tiles, B_arr, out, lse)
+  return out, (q, k, v, cm, tiles, out, lse)
 
 
-def _tile_core_bwd(res, d_out):
-  q, k, v, cm, tiles, B_arr, out, lse = res
-  B = B_arr.shape[0]
-  N, H, Tp, d = q.shape
-  d_out = d_out.reshape(N, H, Tp, d)
-  dq, dk, dv = _tiles_backward(q, k, v, cm, tiles, out, lse, d_out, B)
-  shape = lambda g, x: g.reshape(x.shape).astype(x.dtype)
-  zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)
-  return (shape(dq, q), shape(dk, k), shape(dv, v), zero(cm),
-          tuple(zero(t) for t in tiles), zero(B_arr))
+def _tile_core_bwd(B: int, res, d_out):
+  q, k, v, cm, tiles, out, lse = res
+  dq, dk, dv = _tiles_backward(q, k, v, cm, tiles, out, lse, d_out.reshape(q.shape), B)
+  like = lambda g, x: g.reshape(x.shape).astype(x.dtype)  # noqa: E731
+  zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # noqa: E731 - bool / int inputs
+  return like(dq, q), like(dk, k), like(dv, v), zero(cm), tuple(zero(t) for t in tiles)
 
 
 _tile_core.defvjp(_tile_core_fwd, _tile_core_bwd)
@@ -245,12 +242,9 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, compressed_mask: 
                      f", got {caps}")
   need = jnp.sum(visited)
   rung = jnp.sum(need > jnp.asarray(caps[:-1], jnp.int32)) if len(caps) > 1 else 0
-  B_arr = np.zeros((B,), np.int8)
-
   def branch(C):
     def run(q, k, v, cm, visited):
-      tiles = _tile_list(visited, C)
-      return _tile_core(q, k, v, cm, tiles, B_arr)
+      return _tile_core(q, k, v, cm, _tile_list(visited, C), B)
     return run
 
   out = jax.lax.switch(rung, [branch(C) for C in caps], q, k, v, compressed_mask, visited)
