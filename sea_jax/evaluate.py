@@ -74,17 +74,22 @@ def perplexity(model: OPTForCausalLM, windows: np.ndarray, *, batch_size: int, m
     return window_losses(nnx.merge(graphdef, state), batch, sea_k)
 
   batch_sharding = shd.batch_sharding(mesh)
-  losses = []
-  start = time.perf_counter()
-  bar = tqdm(total=num_windows, desc=desc, unit="win", file=sys.stderr, disable=not progress)
-  for first in range(0, num_windows, batch_size):
+
+  def global_batch(first: int) -> tuple[jax.Array, int]:
     batch = windows[first:first + batch_size]
     real = batch.shape[0]
     if real < batch_size:  # pad the last batch by repeating windows; their losses are dropped
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
-    global_batch = jax.make_array_from_callback(
-        batch.shape, batch_sharding, lambda index: batch[index])
-    window_loss = np.asarray(jax.device_get(step(state, global_batch)))[:real]
+    return jax.make_array_from_callback(batch.shape, batch_sharding,
+                                        lambda index: batch[index]), real
+
+  compiled = step.lower(state, global_batch(0)[0]).compile()  # every batch has this shape
+  losses = []
+  start = time.perf_counter()  # `seconds` counts evaluation, not compilation
+  bar = tqdm(total=num_windows, desc=desc, unit="win", file=sys.stderr, disable=not progress)
+  for first in range(0, num_windows, batch_size):
+    batch, real = global_batch(first)
+    window_loss = np.asarray(jax.device_get(compiled(state, batch)))[:real]
     losses.append(window_loss)
     bar.update(real)
     bar.set_postfix(ppl=f"{math.exp(float(np.concatenate(losses).mean())):.3f}")
