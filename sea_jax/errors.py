@@ -61,43 +61,40 @@ def storage_error(e: BaseException) -> OSError | None:
   return OSError(code, os.strerror(code), where.group(1) if where else None)
 
 
-_quieted = False
+_quieted: set[str] = set()
+
+
+def _is_closed_loop(exc: BaseException | None) -> bool:
+  return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
+def quiet_closed_event_loop() -> None:
+  """Hides asyncio's "Event loop is closed" (and its "exception was never retrieved") from
+  TensorStore callbacks that outlive a failed read or write, whether raised as unraisable or
+  in a thread. Installed once."""
+  import logging
+  if "loop" in _quieted:
+    return
+  _quieted.add("loop")
+  logging.getLogger("asyncio").addFilter(
+      lambda record: "exception was never retrieved" not in record.getMessage())
+  previous, previous_thread = sys.unraisablehook, threading.excepthook
+  sys.unraisablehook = lambda u: None if _is_closed_loop(u.exc_value) else previous(u)
+  threading.excepthook = lambda a: None if _is_closed_loop(a.exc_value) else previous_thread(a)
 
 
 def quiet_background_noise() -> None:
   """Hides what Orbax's and TensorStore's background threads print about a failure the main
-  thread then raises (and we report in one line): absl records with a traceback, and asyncio's
-  "Event loop is closed" from callbacks that outlive a failed write."""
+  thread then raises (and we report in one line): absl records with a traceback, and the
+  closed event loop (`quiet_closed_event_loop`)."""
   import logging
-  global _quieted
-  if _quieted:
+  quiet_closed_event_loop()
+  if "absl" in _quieted:
     return
-  _quieted = True
-
-  def drop(record: logging.LogRecord) -> bool:
-    return not (record.exc_info or "raised an exception" in record.getMessage()
-                or "exception was never retrieved" in record.getMessage())
-
+  _quieted.add("absl")
   for name in ("absl", "asyncio"):
-    logging.getLogger(name).addFilter(drop)
-  previous = sys.unraisablehook
-
-  def hook(unraisable):
-    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
-        unraisable.exc_value):
-      return
-    previous(unraisable)
-
-  sys.unraisablehook = hook
-  previous_thread_hook = threading.excepthook
-
-  def thread_hook(args):
-    if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(
-        args.exc_value):
-      return
-    previous_thread_hook(args)
-
-  threading.excepthook = thread_hook
+    logging.getLogger(name).addFilter(
+        lambda record: not (record.exc_info or "raised an exception" in record.getMessage()))
 
 
 def add_debug_flag(parser) -> None:

@@ -10,7 +10,6 @@ and the step before it is tried.
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import signal
@@ -87,22 +86,10 @@ class TrainCheckpointer:
 
 
 def _quiet_failed_reads() -> None:
-  """After a failed restore, tensorstore's pending reads complete on a closed event loop and
-  asyncio reports unretrieved futures; both are noise once the failure has been reported."""
-  previous = sys.unraisablehook
-  if getattr(previous, "_sea_jax_quiet", False):
-    return
-
-  def hook(unraisable):
-    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
-        unraisable.exc_value):
-      return
-    previous(unraisable)
-
-  hook._sea_jax_quiet = True
-  sys.unraisablehook = hook
-  logging.getLogger("asyncio").addFilter(
-      lambda record: "exception was never retrieved" not in record.getMessage())
+  """After a failed restore, tensorstore's pending reads complete on a closed event loop;
+  that noise adds nothing once the failure has been reported."""
+  from sea_jax.errors import quiet_closed_event_loop
+  quiet_closed_event_loop()
 
 
 class StopFlag:
