@@ -41,8 +41,8 @@ def grouped_topk_mask(est_probs: jax.Array, k) -> jax.Array:
   probable are kept, ties going to the lower flat index h·K + b. Empty bins (`nonempty_bins`)
   rank after every real cell and are never kept. Not differentiable (gradients stop here).
   """
+  check_k(k)
   N, H, T, K = est_probs.shape
-  budget = row_budget(T, H, K, k)
   nonempty = nonempty_bins(T, K)  # (T, K)
   probs = jax.lax.stop_gradient(est_probs)
   probs = probs.astype(jnp.promote_types(probs.dtype, jnp.float32))
@@ -54,7 +54,7 @@ def grouped_topk_mask(est_probs: jax.Array, k) -> jax.Array:
   if isinstance(k, (int, np.integer)):
     thr, cell_thr = _thresholds_by_top_k(score, static_row_budget(T, H, K, int(k)))
   else:
-    thr, cell_thr = _thresholds_by_sort(score, cells, budget)
+    thr, cell_thr = _thresholds_by_sort(score, cells, row_budget(T, H, K, k))
   keep = (score > thr) | ((score == thr) & (cells <= cell_thr))
   keep = keep.reshape(N, T, H, K).transpose(0, 2, 1, 3)
   return keep & nonempty[None, None]

@@ -131,8 +131,9 @@ def check_checkpoint_room(out: str, abstract_params, tx, keep: int) -> None:
     check_room(out, one + params, f"--out {out} (one checkpoint and final/)")
   except DestinationError as e:
     raise TrainError(str(e)) from None
-  if free_bytes(out) < (keep + 1) * one + params and jax.process_index() == 0:
-    print(f"note: the disk of {out} has {free_bytes(out) / 2**20:.0f} MiB free, less than "
+  free = free_bytes(out)
+  if free < (keep + 1) * one + params and jax.process_index() == 0:
+    print(f"note: the disk of {out} has {free / 2**20:.0f} MiB free, less than "
           f"the {((keep + 1) * one + params) / 2**20:.0f} MiB that --keep {keep} checkpoints "
           "may need", file=sys.stderr, flush=True)
 
