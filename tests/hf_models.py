@@ -20,12 +20,19 @@ def tiny_opt_kwargs(variant: str = "pre", vocab_size: int = VOCAB) -> dict:
 
 def save_tiny_opt(folder: str, variant: str = "pre", *, seed: int = 0, vocab_size: int = VOCAB,
                   safe_serialization: bool = True, max_shard_size: str | None = None,
-                  with_tokenizer: bool = False):
-  """Builds a random transformers.OPTForCausalLM and save_pretrained()s it; returns the model."""
+                  with_tokenizer: bool = False, init_std: float | None = None):
+  """Builds a random transformers.OPTForCausalLM and save_pretrained()s it; returns the model.
+
+  init_std: the weights' initial std (transformers' default 0.02 makes a near-uniform model
+  whose perplexity hardly depends on attention; 0.2 makes attention visible in the loss).
+  """
   import torch
   import transformers
   torch.manual_seed(seed)
-  config = transformers.OPTConfig(**tiny_opt_kwargs(variant, vocab_size))
+  kw = tiny_opt_kwargs(variant, vocab_size)
+  if init_std is not None:
+    kw["init_std"] = init_std
+  config = transformers.OPTConfig(**kw)
   model = transformers.OPTForCausalLM(config).eval()
   with torch.no_grad():  # non-trivial LayerNorm and bias values, so a mix-up cannot hide
     for name, p in model.named_parameters():

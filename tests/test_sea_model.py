@@ -19,7 +19,10 @@ from sea_jax.config import ConfigError, SEAConfig
 @pytest.fixture(scope="module")
 def dense_folder(tmp_path_factory):
   root = tmp_path_factory.mktemp("sea_model")
-  save_tiny_opt(str(root / "hf"), "pre", seed=int(np.random.randint(1 << 30)), with_tokenizer=True)
+  # init_std 0.2: attention moves the loss well above float32 rounding, so SEA != dense is a
+  # real check (at the default 0.02 the near-uniform model can score bitwise-equal perplexity)
+  save_tiny_opt(str(root / "hf"), "pre", seed=int(np.random.randint(1 << 30)), with_tokenizer=True,
+                init_std=0.2)
   convert.hf_to_model_folder(str(root / "hf"), str(root / "dense"))
   return root
 
@@ -84,5 +87,7 @@ def test_eval_sea_student_and_k_sweep(dense_folder):
   assert [l["attention"] for l in lines] == ["sea", "sea"]
   assert [l["sea_k"] for l in lines] == [2, 8] and lines[0]["sea_K"] == 16
   assert dense["attention"] == "dense" and dense["sea_k"] is None
-  # an untrained student is not its teacher (a tiny random model is near-uniform: tiny gaps)
-  assert all(np.isfinite(l["perplexity"]) and l["perplexity"] != dense["perplexity"] for l in lines)
+  # an untrained student is not its teacher
+  # (at init_std 0.2 the untrained SEA layers move the perplexity by 2-8%, far above rounding)
+  assert all(np.isfinite(l["perplexity"]) and abs(l["perplexity"] / dense["perplexity"] - 1) > 1e-3
+             for l in lines)
