@@ -1,6 +1,6 @@
 """GPU (Triton-style Pallas) kernels for SEA sparse attention: forward, dq, dk/dv.
 
-Layout: one program per ((n, h), query block) (forward, dq) or ((n, h), key block) (dk/dv).
+Layout: one program per ((n, h), query block) (forward, dq) or ((n, h_kv), key block) (dk/dv).
 Each program runs a `lax.fori_loop` over only the tiles named by the block map (indices
 loaded from ordinary input refs: Triton Pallas has no scalar prefetch) and rebuilds each
 tile's mask in-kernel from (t, s, compressed_mask[t]):
@@ -20,9 +20,17 @@ the block map and the tile index math (`block_map.tile_bins`), T padding and the
 custom_vjp wiring (`sparse_attention.py`). Only the gather, the loads and the dots here
 are Triton-specific. The head dim is zero-padded to a power of two >= 16 for Triton.
 
-Contract (called by sparse_attention.py): T is a multiple of block_q and block_k.
+Grouped-query attention (k, v with Hkv = H / G heads): the forward and dq programs of query
+head n·H + h read kv head (n·H + h) // G = n·Hkv + h // G through their k/v BlockSpec index
+map; a dk/dv program owns one kv head's key block and loops over the G query heads of its
+group (their q, dO, lse, delta, mask rows and visit lists laid out as (N·Hkv, G·T, ...)), each
+over its visited query blocks, summing into one accumulator. k and v are never repeated.
+
+Contract (called by sparse_attention.py): T is a multiple of block_q and block_k; q, cm, the
+block map (N,H,...), k, v (N,Hkv,T,d).
   forward(q, k, v, cm, block_map, *, block_sizes, interpret) -> (out (N,H,T,d), lse (N,H,T) fp32)
-  backward(q, k, v, cm, block_map, out, lse, d_out, *, block_sizes, interpret) -> (dq, dk, dv)
+  backward(q, k, v, cm, block_map, out, lse, d_out, *, block_sizes, interpret)
+    -> (dq (N,H,T,d), dk, dv (N,Hkv,T,d))
 lse is +inf on rows with nothing kept, so exp(s - lse) = 0 there.
 """
 from __future__ import annotations
@@ -133,33 +141,50 @@ def _dq_kernel(visits_ref, counts_ref, cm_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
 
 def _dkdv_kernel(visits_ref, counts_ref, cm_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                 delta_ref, *refs, block_q: int, block_k: int, K: int, precision):
+                 delta_ref, *refs, block_q: int, block_k: int, K: int, T: int, G: int,
+                 precision):
+  """One kv head's key block; the query-side refs hold its G query heads stacked along rows
+  (visits (G·nk, nq), counts (G·nk,), cm (G·T, K), q / dO (G·T, dp), lse / delta (G·T,))."""
   dk_ref, dv_ref = refs[-2:]
   ki = pl.program_id(1)
+  nk = counts_ref.shape[0] // G
   k_start = ki * block_k
   k = k_ref[...]                                            # (bk, dp)
   v = v_ref[...]
-  count = counts_ref[ki]
 
-  def body(j, carry):
-    dk, dv = carry
-    qb = visits_ref[ki, j]
-    q_start = pl.multiple_of(qb * block_q, block_q)
-    q = q_ref[pl.ds(q_start, block_q), :]
-    do = do_ref[pl.ds(q_start, block_q), :]
-    lse = lse_ref[pl.ds(q_start, block_q)]
-    delta = delta_ref[pl.ds(q_start, block_q)]
-    mask = _mask_tile(cm_ref, q_start, k_start, block_q, block_k, K)
-    s = _dot(q, k, trans_b=True, precision=precision)     # (bq, bk)
-    p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
-    dpv = _dot(do, v, trans_b=True, precision=precision)
-    ds = p * (dpv - delta[:, None])
-    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True, precision=precision)
-    return dk, dv
+  def head(g, carry):
+    """Adds query head g of the group (g == 0 a Python int when G == 1: no offsets)."""
+    row0 = g * T if G > 1 else 0                            # its rows in the stacked refs
+    col = g * nk + ki if G > 1 else ki
+
+    def body(j, carry):
+      dk, dv = carry
+      qb = visits_ref[col, j]
+      q_start = pl.multiple_of(qb * block_q, block_q)       # row in the head's own T
+      r = pl.multiple_of(row0 + q_start, block_q) if G > 1 else q_start
+      q = q_ref[pl.ds(r, block_q), :]
+      do = do_ref[pl.ds(r, block_q), :]
+      lse = lse_ref[pl.ds(r, block_q)]
+      delta = delta_ref[pl.ds(r, block_q)]
+      rows, bins, causal = tile_bins(q_start, k_start, block_q, block_k, K)
+      if G > 1:
+        rows = rows + row0
+      mask = jnp.logical_and(causal, cm_ref[rows, bins] != 0)
+      s = _dot(q, k, trans_b=True, precision=precision)     # (bq, bk)
+      p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+      dv = dv + _dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
+      dpv = _dot(do, v, trans_b=True, precision=precision)
+      ds = p * (dpv - delta[:, None])
+      dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True, precision=precision)
+      return dk, dv
+
+    return lax.fori_loop(0, counts_ref[col], body, carry)
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, count, body, (zeros, zeros))
+  if G == 1:
+    dk, dv = head(0, (zeros, zeros))
+  else:
+    dk, dv = lax.fori_loop(0, G, head, (zeros, zeros))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -175,7 +200,7 @@ def _check_tiled(q, block_sizes):
 
 
 def _flat(x, dp=None):
-  """(N, H, T, d) -> (N*H, T, dp), zero-padding the head dim."""
+  """(N, H, T, d) -> (N*H, T, dp), zero-padding the head dim (also for k, v at Hkv heads)."""
   N, H, T, d = x.shape
   x = x.reshape(N * H, T, d)
   if dp is not None and dp != d:
@@ -202,15 +227,39 @@ def _full_spec(shape):
   return pl.BlockSpec((None, *shape), lambda i, j: (i, *zeros))
 
 
+def _kv_spec(shape, G: int):
+  """Like _full_spec for a program of flat query head i = n*H + h: kv head i // G."""
+  if G == 1:
+    return _full_spec(shape)
+  zeros = (0,) * len(shape)
+  return pl.BlockSpec((None, *shape), lambda i, j: (lax.div(i, G), *zeros))
+
+
+def _group_of(x, G: int):
+  """Per-query-head (N, H, R, ...) -> (N*H/G, G*R, ...): a group's G heads stacked along R."""
+  N, H, R = x.shape[:3]
+  return x.reshape(N * H // G, G * R, *x.shape[3:])
+
+
+def _groups(q, k):
+  """G = H // Hkv (sparse_attention.check_inputs has checked the shapes)."""
+  if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
+    raise ValueError(f"q heads must be a multiple of k heads; got q.shape={q.shape}, "
+                     f"k.shape={k.shape}")
+  return q.shape[1] // k.shape[1]
+
+
 def forward(q, k, v, compressed_mask, block_map: BlockMap, *, block_sizes,
             interpret: bool = False, poison: bool = False):
-  """(N,H,T,d) x3, bool (N,H,T,K), BlockMap -> (out (N,H,T,d) q.dtype, lse (N,H,T) fp32).
+  """q (N,H,T,d), k, v (N,Hkv,T,d), bool (N,H,T,K), BlockMap -> (out (N,H,T,d) q.dtype,
+  lse (N,H,T) fp32); query head h reads kv head h // (H // Hkv).
 
   poison=True (tests): outputs start as NaN buffers aliased into the call, so any element
   the kernel fails to write stays NaN.
   """
   _check_tiled(q, block_sizes)
   N, H, T, d = q.shape
+  G = _groups(q, k)
   K = compressed_mask.shape[-1]
   bq, bk = block_sizes.block_q, block_sizes.block_k
   dp = _padded_head_dim(d)
@@ -221,7 +270,7 @@ def forward(q, k, v, compressed_mask, block_map: BlockMap, *, block_sizes,
   in_specs = [
       _full_spec((nq, nk)), _full_spec((nq,)), _full_spec((T, K)),
       pl.BlockSpec((None, bq, dp), lambda i, j: (i, j, 0)),
-      _full_spec((T, dp)), _full_spec((T, dp)),
+      _kv_spec((T, dp), G), _kv_spec((T, dp), G),
   ]
   out_specs = [pl.BlockSpec((None, bq, dp), lambda i, j: (i, j, 0)),
                pl.BlockSpec((None, bq), lambda i, j: (i, j))]
@@ -246,9 +295,10 @@ def forward(q, k, v, compressed_mask, block_map: BlockMap, *, block_sizes,
 
 def backward(q, k, v, compressed_mask, block_map: BlockMap, out, lse, d_out, *,
              block_sizes, interpret: bool = False, poison: bool = False):
-  """Residuals + d_out (N,H,T,d) -> (dq, dk, dv), each (N,H,T,d) in its input's dtype."""
+  """Residuals + d_out (N,H,T,d) -> (dq (N,H,T,d), dk, dv (N,Hkv,T,d)) in the inputs' dtypes."""
   _check_tiled(q, block_sizes)
   N, H, T, d = q.shape
+  G = _groups(q, k)
   K = compressed_mask.shape[-1]
   bq, bk = block_sizes.block_q, block_sizes.block_k
   dp = _padded_head_dim(d)
@@ -274,7 +324,7 @@ def backward(q, k, v, compressed_mask, block_map: BlockMap, out, lse, d_out, *,
   q_blk = pl.BlockSpec((None, bq, dp), lambda i, j: (i, j, 0))
   row_blk = pl.BlockSpec((None, bq), lambda i, j: (i, j))
   in_specs = [_full_spec((nq, nk)), _full_spec((nq,)), _full_spec((T, K)),
-              q_blk, _full_spec((T, dp)), _full_spec((T, dp)), q_blk, row_blk, row_blk]
+              q_blk, _kv_spec((T, dp), G), _kv_spec((T, dp), G), q_blk, row_blk, row_blk]
   out_specs = [q_blk]
   out_shape = [jax.ShapeDtypeStruct((nh, T, dp), q.dtype)]
   args, in_specs, aliases = poisoned(
@@ -286,24 +336,32 @@ def backward(q, k, v, compressed_mask, block_map: BlockMap, out, lse, d_out, *,
       name="sea_sparse_attention_dq",
   )(*args)[0]
 
-  # dk, dv: one program per key block, over the query blocks that visit it.
-  visits, counts, _ = _common_inputs(block_map.k_visits, block_map.k_counts, compressed_mask)
+  # dk, dv: one program per (kv head, key block), over the G query heads of its group and,
+  # for each, the query blocks that visit the key block. Query-side inputs are regrouped
+  # (free reshapes) so that a program sees its group's G heads stacked along rows.
+  nkv = nh // G
+  visits = _group_of(block_map.k_visits, G)                        # (nkv, G*nk, nq)
+  counts = _group_of(block_map.k_counts, G)                        # (nkv, G*nk)
+  cm = _group_of(compressed_mask, G).astype(jnp.int8)              # (nkv, G*T, K)
+  grouped = [x.reshape(nkv, G * T, *x.shape[2:]) for x in (qf, dof, lse, delta)]
   k_blk = pl.BlockSpec((None, bk, dp), lambda i, j: (i, j, 0))
-  in_specs = [_full_spec((nk, nq)), _full_spec((nk,)), _full_spec((T, K)),
-              _full_spec((T, dp)), k_blk, k_blk, _full_spec((T, dp)),
-              _full_spec((T,)), _full_spec((T,))]
+  in_specs = [_full_spec((G * nk, nq)), _full_spec((G * nk,)), _full_spec((G * T, K)),
+              _full_spec((G * T, dp)), k_blk, k_blk, _full_spec((G * T, dp)),
+              _full_spec((G * T,)), _full_spec((G * T,))]
   out_specs = [k_blk, k_blk]
-  out_shape = [jax.ShapeDtypeStruct((nh, T, dp), k.dtype),
-               jax.ShapeDtypeStruct((nh, T, dp), v.dtype)]
+  out_shape = [jax.ShapeDtypeStruct((nkv, T, dp), k.dtype),
+               jax.ShapeDtypeStruct((nkv, T, dp), v.dtype)]
+  gq, gdo, glse, gdelta = grouped
   args, in_specs, aliases = poisoned(
-      [visits, counts, cm, qf, kf, vf, dof, lse, delta], in_specs, out_specs, out_shape)
+      [visits, counts, cm, gq, kf, vf, gdo, glse, gdelta], in_specs, out_specs, out_shape)
   dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel, block_q=bq, block_k=bk, K=K, precision=precision),
-      grid=(nh, nk), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      functools.partial(_dkdv_kernel, block_q=bq, block_k=bk, K=K, T=T, G=G,
+                        precision=precision),
+      grid=(nkv, nk), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       input_output_aliases=aliases, interpret=interpret, compiler_params=params,
       name="sea_sparse_attention_dkdv",
   )(*args)
 
   def unflat(x):
-    return x[..., :d].reshape(N, H, T, d)
+    return x[..., :d].reshape(N, -1, T, d)
   return unflat(dq), unflat(dk), unflat(dv)

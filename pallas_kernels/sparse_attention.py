@@ -3,9 +3,11 @@
   sparse_attention(q, k, v, compressed_mask, *, backend=None, interpret=False,
                    block_sizes=None) -> (N, H, T, d)
 
-q, k, v: (N, H, T, d) fp32 or bf16, q already scaled by d**-0.5. compressed_mask: bool
-(N, H, T, K). Dense mask: M[n,h,t,s] = compressed_mask[n,h,t,bin_t(s)] for s <= t, else
-False (bin_t from sea_jax.sea.bins). Output: softmax over the kept entries of each row
+q: (N, H, T, d), k, v: (N, Hkv, T, d), fp32 or bf16, q already scaled by d**-0.5; H % Hkv
+== 0 and query head h reads kv head h // (H // Hkv) (grouped-query attention; Hkv == H is
+plain multi-head). compressed_mask: bool (N, H, T, K), per query head. Dense mask:
+M[n,h,t,s] = compressed_mask[n,h,t,bin_t(s)] for s <= t, else False (bin_t from
+sea_jax.sea.bins). Output: softmax over the kept entries of each row
 (fp32 accumulation) times v; rows with nothing kept are exactly 0. Output dtype = q.dtype.
 
 The op pads T to a multiple of the block sizes (padded rows keep nothing; real rows never
@@ -13,6 +15,8 @@ see padded keys since s <= t), builds the block map once in the forward and keep
 residual for the backward. Backends receive T-padded arrays and the block map:
   gpu: pallas_kernels.gpu (Triton-style Pallas; also runs in interpret mode on CPU).
   tpu: pallas_kernels.tpu (Mosaic), imported lazily.
+Both read k and v at their Hkv heads (kv index maps read head h // G, never a repeated copy)
+and sum the dk, dv of the G query heads of a group inside the dk/dv kernel.
 
 Note: the package re-exports the function, so `pallas_kernels.sparse_attention` is the op;
 reach this module's other names with `from pallas_kernels.sparse_attention import ...`.
@@ -27,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from sea_jax.sea.block_map import build_block_map
+from sea_jax.sea.sparse import check_shapes
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _BACKENDS = ("gpu", "tpu")
@@ -91,33 +96,30 @@ def _backend_module(backend: str):
   return tpu
 
 
-def check_inputs(q, k, v, compressed_mask):
-  """Raise ValueError naming the offending shapes/dtypes."""
+def check_inputs(q, k, v, compressed_mask) -> int:
+  """G = H // Hkv; raise ValueError naming the offending shapes/dtypes.
+
+  Shapes as `sea_jax.sea.sparse.check_shapes`: q (N, H, T, d), k == v (N, Hkv, T, d) with
+  H % Hkv == 0, compressed_mask (N, H, T, K)."""
+  G = check_shapes(q, k, v, compressed_mask)
   shapes = (f"q.shape={q.shape}, k.shape={k.shape}, v.shape={v.shape}, "
             f"compressed_mask.shape={compressed_mask.shape}")
-  if q.ndim != 4:
-    raise ValueError(f"q, k, v must be (N, H, T, d); got {shapes}")
-  if k.shape != q.shape or v.shape != q.shape:
-    raise ValueError(f"q, k, v must have the same (N, H, T, d) shape; got {shapes}")
-  if compressed_mask.ndim != 4 or compressed_mask.shape[:3] != q.shape[:3]:
-    raise ValueError(f"compressed_mask must be (N, H, T, K) matching q's (N, H, T); "
-                     f"got {shapes}")
-  if compressed_mask.shape[3] < 1:
-    raise ValueError(f"compressed width K must be >= 1; got {shapes}")
   if compressed_mask.dtype != jnp.bool_:
     raise ValueError(f"compressed_mask must be bool, got {compressed_mask.dtype} ({shapes})")
   dts = {jnp.dtype(x.dtype) for x in (q, k, v)}
   if len(dts) != 1 or next(iter(dts)) not in _DTYPES:
     raise ValueError(f"q, k, v must share one dtype in (float32, bfloat16); got "
                      f"q {q.dtype}, k {k.dtype}, v {v.dtype}")
+  return G
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "interpret", "block_sizes"))
 def sparse_attention(q, k, v, compressed_mask, *, backend: str | None = None,
                      interpret: bool = False, block_sizes: BlockSizes | None = None):
-  """SEA sparse attention: (N,H,T,d) x3 + bool (N,H,T,K) -> (N,H,T,d) in q.dtype.
+  """SEA sparse attention: q (N,H,T,d), k, v (N,Hkv,T,d), bool (N,H,T,K) -> (N,H,T,d) in
+  q.dtype; query head h reads kv head h // (H // Hkv).
 
-  Differentiable in q, k, v (custom_vjp with Pallas dq and dk/dv kernels).
+  Differentiable in q, k, v (custom_vjp with Pallas dq and dk/dv kernels; dk, dv (N,Hkv,T,d)).
   """
   check_inputs(q, k, v, compressed_mask)
   backend = resolve_backend(backend, interpret)
@@ -186,14 +188,18 @@ def dense_mask(compressed_mask: jax.Array) -> jax.Array:
 
 
 def sparse_attention_reference(q, k, v, compressed_mask):
-  """Dense (T x T) pure-jnp reference with the same meaning; fp32 softmax, q.dtype out."""
-  mask = dense_mask(compressed_mask)
-  s = jnp.einsum("nhtd,nhsd->nhts", q, k, preferred_element_type=jnp.float32)
+  """Dense (T x T) pure-jnp reference with the same meaning: q (N,H,T,d), k, v (N,Hkv,T,d);
+  fp32 softmax, q.dtype out."""
+  G = check_shapes(q, k, v, compressed_mask)
+  N, H, T, d = q.shape
+  mask = dense_mask(compressed_mask).reshape(N, H // G, G, T, T)
+  qg = q.reshape(N, H // G, G, T, d)   # grouped view of the query heads; k, v not repeated
+  s = jnp.einsum("ngctd,ngsd->ngcts", qg, k, preferred_element_type=jnp.float32)
   s = jnp.where(mask, s, -jnp.inf)
   m = jnp.max(s, axis=-1, keepdims=True)
   m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
   p = jnp.where(mask, jnp.exp(s - m), 0.0)
   l = jnp.sum(p, axis=-1, keepdims=True)
   p = p / jnp.where(l > 0, l, 1.0)
-  out = jnp.einsum("nhts,nhsd->nhtd", p, v.astype(jnp.float32))
-  return out.astype(q.dtype)
+  out = jnp.einsum("ngcts,ngsd->ngctd", p, v.astype(jnp.float32))
+  return out.reshape(N, H, T, d).astype(q.dtype)

@@ -1,7 +1,8 @@
 """SEA sparse attention as TPU (Mosaic) Pallas kernels, splash-attention style.
 
 Semantics (N batch, H heads, T tokens, d head dim, K compressed width):
-  q, k, v (N, H, T, d) fp32 or bf16, q already scaled by d^-0.5;
+  q (N, H, T, d), k, v (N, Hkv, T, d) fp32 or bf16, q already scaled by d^-0.5; H = G Hkv
+    and query head h reads kv head h // G (grouped-query attention; G = 1 is multi-head);
   compressed_mask bool (N, H, T, K) stands for the dense mask
     M[n, h, t, s] = compressed_mask[n, h, t, bin_t(s)] for s <= t, else False,
     bin_t(s) = ((2s + 1) K - 1) // (2 (t + 1))          (sea_jax/sea/bins.py);
@@ -31,6 +32,11 @@ kernel (grid over key blocks, visiting k_visits) recompute the probabilities
 from q, k and lse; delta = rowsum(dO * O) is computed outside in plain jnp. The
 dk/dv kernel works on transposed tiles (key rows on sublanes, query rows on
 lanes) so that all its matmuls are NT or NN.
+
+GQA: the forward and dq grids run over query heads and their k/v index maps read
+kv head h // G. The dk/dv grid is (N, Hkv, key block, g, step): for one kv head's
+key block it walks the G query heads of the group (g) and each one's visited query
+blocks (step), accumulating into one VMEM scratch; k and v are never repeated.
 
 Per-row vectors (lse, delta, mask words) live in HBM with T last, i.e. as
 (N, H, 1, T) / (N, H, nW, T); blocks are (1, block_q) / (nW, block_q). On a real
@@ -116,7 +122,9 @@ def _tile_keep(t, s, words, K):
 
 def _check(q, k, v, compressed_mask, block_map, block_q, block_k, interpret):
   N, H, T, d = q.shape
-  assert k.shape == v.shape == q.shape, (q.shape, k.shape, v.shape)
+  assert k.shape == v.shape and k.ndim == 4, (q.shape, k.shape, v.shape)
+  assert (k.shape[0], k.shape[2], k.shape[3]) == (N, T, d), (q.shape, k.shape)
+  assert k.shape[1] >= 1 and H % k.shape[1] == 0, (q.shape, k.shape)
   assert compressed_mask.shape[:3] == (N, H, T), compressed_mask.shape
   assert T % block_q == 0 and T % block_k == 0, (T, block_q, block_k)
   nq, nk = T // block_q, T // block_k
@@ -136,19 +144,26 @@ def _check(q, k, v, compressed_mask, block_map, block_q, block_k, interpret):
 SMEM_VISIT_WORDS = 1 << 16
 
 
-def _in_head_chunks(call, per_head, *arrays):
-  """call(*arrays) on arrays with leading (N, H), in groups of heads of <= SMEM_VISIT_WORDS
-  visit entries (per_head each); outputs keep the leading (N, H)."""
+def _in_head_chunks(call, per_head, *arrays, group: int = 1):
+  """call(*arrays) on arrays with leading (N, H) (query heads) or (N, H // group) (kv heads),
+  in chunks of c query heads (a multiple of `group`, so whole kv groups) of <=
+  SMEM_VISIT_WORDS visit entries (per_head each) and their c // group kv heads; outputs keep
+  their leading (N, heads)."""
   N, H = arrays[0].shape[:2]
   nh = N * H
   c = max(1, min(nh, SMEM_VISIT_WORDS // max(per_head, 1)))
+  c = max(group, c - c % group)
   while nh % c:
-    c -= 1
+    c -= group
   if c == nh:
     return call(*arrays)
-  grouped = [x.reshape(nh // c, 1, c, *x.shape[2:]) for x in arrays]
-  outs = lax.map(lambda xs: call(*xs), grouped)
-  return jax.tree.map(lambda y: y.reshape(N, H, *y.shape[3:]), outs)
+
+  def chunks(x):
+    cx = c if x.shape[1] == H else c // group
+    return x.reshape(x.shape[0] * x.shape[1] // cx, 1, cx, *x.shape[2:])
+
+  outs = lax.map(lambda xs: call(*xs), [chunks(x) for x in arrays])
+  return jax.tree.map(lambda y: y.reshape(N, -1, *y.shape[3:]), outs)
 
 
 # --------------------------------------------------------------------------- forward
@@ -194,15 +209,16 @@ def _fwd_kernel(qv_ref, qc_ref, q_ref, k_ref, v_ref, w_ref, o_ref, lse_ref,
     lse_ref[...] = lse.T[:1, :]  # (bq, 128) -> (1, bq)
 
 
-def _query_grid_maps(H: int, nq: int, nk: int):
+def _query_grid_maps(H: int, nq: int, nk: int, G: int = 1):
   """Index maps of a (N, H, query block i, visit step j) grid with the query-block visit lists
-  scalar-prefetched: q-side blocks, the visited k/v block, and per-row (N, H, *, T) data."""
+  scalar-prefetched: q-side blocks, the visited k/v block (of kv head h // G), and per-row
+  (N, H, *, T) data."""
 
   def q_map(n, h, i, j, qv, qc):
     return n, h, i, 0
 
   def kv_map(n, h, i, j, qv, qc):
-    return n, h, qv[((n * H + h) * nq + i) * nk + j], 0
+    return n, lax.div(h, G) if G > 1 else h, qv[((n * H + h) * nq + i) * nk + j], 0
 
   def row_map(n, h, i, j, qv, qc):
     return n, h, 0, i
@@ -211,13 +227,14 @@ def _query_grid_maps(H: int, nq: int, nk: int):
 
 
 def _fwd_call(q, k, v, words, qv, qc, *, bq, bk, K, interpret):
-  """One pallas_call over all (n, h) of its inputs: (N, H, T, d) x3, words (N, H, nW, T),
-  q_visits (N, H, nQ, nK), q_counts (N, H, nQ) -> out (N, H, T, d), lse (N, H, 1, T)."""
+  """One pallas_call over all (n, h) of its inputs: q (N, H, T, d), k, v (N, Hkv, T, d),
+  words (N, H, nW, T), q_visits (N, H, nQ, nK), q_counts (N, H, nQ)
+  -> out (N, H, T, d), lse (N, H, 1, T)."""
   N, H, T, d = q.shape
   nq, nk = qv.shape[2:]
   nw = words.shape[2]
 
-  q_map, kv_map, row_map = _query_grid_maps(H, nq, nk)
+  q_map, kv_map, row_map = _query_grid_maps(H, nq, nk, H // k.shape[1])
 
   kernel = functools.partial(_fwd_kernel, H=H, nq=nq, nk=nk, bq=bq, bk=bk, K=K, nw=nw,
                              precision=_precision(q.dtype))
@@ -253,8 +270,9 @@ def _fwd_call(q, k, v, words, qv, qc, *, bq, bk, K, interpret):
 
 
 def forward(q, k, v, compressed_mask, block_map, *, block_q, block_k, interpret=False):
-  """q, k, v (N, H, T, d), compressed_mask (N, H, T, K), block_map for (block_q, block_k)
-  -> out (N, H, T, d) in q.dtype, lse (N, H, T) fp32 (NEG_INF for empty rows)."""
+  """q (N, H, T, d), k, v (N, Hkv, T, d), compressed_mask (N, H, T, K), block_map for
+  (block_q, block_k) -> out (N, H, T, d) in q.dtype, lse (N, H, T) fp32 (NEG_INF for empty
+  rows); query head h reads kv head h // (H // Hkv)."""
   N, H, T, d, nq, nk = _check(q, k, v, compressed_mask, block_map, block_q,
                               block_k, interpret)
   K = compressed_mask.shape[-1]
@@ -262,7 +280,7 @@ def forward(q, k, v, compressed_mask, block_map, *, block_q, block_k, interpret=
                            interpret=_interpret_arg(interpret))
   out, lse = _in_head_chunks(call, nq * nk, q, k, v, pack_mask_words(compressed_mask),
                              block_map.q_visits.astype(jnp.int32),
-                             block_map.q_counts.astype(jnp.int32))
+                             block_map.q_counts.astype(jnp.int32), group=H // k.shape[1])
   return out, lse.reshape(N, H, T)
 
 
@@ -300,11 +318,12 @@ def _dq_kernel(qv_ref, qc_ref, q_ref, k_ref, v_ref, do_ref, w_ref, lse_ref, dl_r
 
 
 def _dkv_kernel(kv_ref, kc_ref, k_ref, v_ref, q_ref, do_ref, w_ref, lse_ref, dl_ref,
-                dk_ref, dv_ref, dk_sc, dv_sc, *, H, nq, nk, bq, bk, K, nw, precision):
-  n, h, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  col = (n * H + h) * nk + j
+                dk_ref, dv_ref, dk_sc, dv_sc, *, H, G, nq, nk, bq, bk, K, nw, precision):
+  n, hk, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  g, i = pl.program_id(3), pl.program_id(4)   # query head hk * G + g of the group, step
+  col = (n * H + hk * G + g) * nk + j
 
-  @pl.when(i == 0)
+  @pl.when((g == 0) & (i == 0))
   def _init():
     dk_sc[...] = jnp.zeros_like(dk_sc)
     dv_sc[...] = jnp.zeros_like(dv_sc)
@@ -327,19 +346,20 @@ def _dkv_kernel(kv_ref, kc_ref, k_ref, v_ref, q_ref, do_ref, w_ref, lse_ref, dl_
     dst = pt * (dpt - delta)
     dk_sc[...] += _dot(dst.astype(q.dtype), q, _NN, precision)
 
-  @pl.when(i == nq - 1)
+  @pl.when((g == G - 1) & (i == nq - 1))
   def _finish():
     dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
     dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
 def _dq_call(q, k, v, do, words, lse, delta, qv, qc, *, bq, bk, K, interpret):
-  """dq over query blocks: lse, delta (N, H, 1, T); q_visits/q_counts as in _fwd_call."""
+  """dq over query blocks: lse, delta (N, H, 1, T); k, v (N, Hkv, T, d); q_visits/q_counts as
+  in _fwd_call."""
   N, H, T, d = q.shape
   nq, nk = qv.shape[2:]
   nw = words.shape[2]
 
-  q_map, kv_map, row_map = _query_grid_maps(H, nq, nk)
+  q_map, kv_map, row_map = _query_grid_maps(H, nq, nk, H // k.shape[1])
 
   kernel = functools.partial(_dq_kernel, H=H, nq=nq, nk=nk, bq=bq, bk=bk, K=K, nw=nw,
                              precision=_precision(q.dtype))
@@ -368,27 +388,32 @@ def _dq_call(q, k, v, do, words, lse, delta, qv, qc, *, bq, bk, K, interpret):
 
 
 def _dkv_call(q, k, v, do, words, lse, delta, kv, kc, *, bq, bk, K, interpret):
-  """dk, dv over key blocks: k_visits (N, H, nK, nQ), k_counts (N, H, nK)."""
+  """dk, dv (N, Hkv, T, d) over key blocks of kv heads, each summing the G query heads of its
+  group: k_visits (N, H, nK, nQ), k_counts (N, H, nK) per query head."""
   N, H, T, d = q.shape
+  Hkv = k.shape[1]
+  G = H // Hkv
   nk, nq = kv.shape[2:]
   nw = words.shape[2]
 
-  def k_map(n, h, j, i, kv, kc):
-    return n, h, j, 0
+  def k_map(n, hk, j, g, i, kv, kc):
+    return n, hk, j, 0
 
-  def q_map(n, h, j, i, kv, kc):
+  def q_map(n, hk, j, g, i, kv, kc):
+    h = hk * G + g
     return n, h, kv[((n * H + h) * nk + j) * nq + i], 0
 
-  def row_map(n, h, j, i, kv, kc):
+  def row_map(n, hk, j, g, i, kv, kc):
+    h = hk * G + g
     return n, h, 0, kv[((n * H + h) * nk + j) * nq + i]
 
-  kernel = functools.partial(_dkv_kernel, H=H, nq=nq, nk=nk, bq=bq, bk=bk, K=K, nw=nw,
+  kernel = functools.partial(_dkv_kernel, H=H, G=G, nq=nq, nk=nk, bq=bq, bk=bk, K=K, nw=nw,
                              precision=_precision(q.dtype))
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2,
-          grid=(N, H, nk, nq),
+          grid=(N, Hkv, nk, G, nq),
           in_specs=[
               pl.BlockSpec((None, None, bk, d), k_map),
               pl.BlockSpec((None, None, bk, d), k_map),
@@ -405,9 +430,10 @@ def _dkv_call(q, k, v, do, words, lse, delta, kv, kc, *, bq, bk, K, interpret):
           scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32),
                           pltpu.VMEM((bk, d), jnp.float32)],
       ),
-      out_shape=[jax.ShapeDtypeStruct((N, H, T, d), k.dtype),
-                 jax.ShapeDtypeStruct((N, H, T, d), v.dtype)],
-      compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+      out_shape=[jax.ShapeDtypeStruct((N, Hkv, T, d), k.dtype),
+                 jax.ShapeDtypeStruct((N, Hkv, T, d), v.dtype)],
+      compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary",
+                                        "arbitrary")),
       interpret=interpret,
       name="sea_sparse_attention_dkv",
   )(kv.reshape(-1), kc.reshape(-1), k, v, q, do, words, lse, delta)
@@ -415,7 +441,8 @@ def _dkv_call(q, k, v, do, words, lse, delta, kv, kc, *, bq, bk, K, interpret):
 
 def backward(q, k, v, compressed_mask, block_map, out, lse, d_out, *, block_q, block_k,
              interpret=False):
-  """Gradients of forward's out given d_out (N, H, T, d): (dq, dk, dv) in the dtypes of q, k, v."""
+  """Gradients of forward's out given d_out (N, H, T, d): dq (N, H, T, d), dk, dv (N, Hkv, T, d),
+  in the dtypes of q, k, v."""
   N, H, T, d, nq, nk = _check(q, k, v, compressed_mask, block_map, block_q,
                               block_k, interpret)
   K = compressed_mask.shape[-1]
@@ -424,10 +451,11 @@ def backward(q, k, v, compressed_mask, block_map, out, lse, d_out, *, block_q, b
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   rows = (q, k, v, d_out.astype(q.dtype), words,
           lse.astype(jnp.float32).reshape(N, H, 1, T), delta.reshape(N, H, 1, T))
+  G = H // k.shape[1]
   dq = _in_head_chunks(functools.partial(_dq_call, **kw), nq * nk, *rows,
                        block_map.q_visits.astype(jnp.int32),
-                       block_map.q_counts.astype(jnp.int32))
+                       block_map.q_counts.astype(jnp.int32), group=G)
   dk, dv = _in_head_chunks(functools.partial(_dkv_call, **kw), nq * nk, *rows,
                            block_map.k_visits.astype(jnp.int32),
-                           block_map.k_counts.astype(jnp.int32))
+                           block_map.k_counts.astype(jnp.int32), group=G)
   return dq, dk, dv

@@ -7,6 +7,11 @@ rebuilt per tile and never stored for all T × T pairs.
 hold a kept key (`block_map.visited_tiles`), so its work follows the kept keys; see the tile-list
 section below. `sparse_attention_reference` is the plain form it is tested against: every
 query block against all T keys (quadratic work, linear memory).
+
+Grouped-query attention: k and v may have Hkv heads, H % Hkv == 0; query head h reads kv head
+h // G, G = H // Hkv (Hugging Face's `repeat_kv` order). k and v are never repeated to H heads:
+the tile list gathers kv blocks from row (n·H + h) // G = n·Hkv + h // G, and the backward adds
+the G query heads' dk, dv into one kv block. The mask stays per query head, (N, H, T, K).
 """
 from __future__ import annotations
 
@@ -18,6 +23,28 @@ import numpy as np
 
 from sea_jax.sea.bins import bin_index
 from sea_jax.sea.block_map import visited_tiles
+
+
+def check_shapes(q, k, v, compressed_mask) -> int:
+  """G = H // Hkv for q (N,H,T,d), k, v (N,Hkv,T,d), M̂ (N,H,T,K); ValueError naming the shapes."""
+  shapes = (f"q.shape={q.shape}, k.shape={k.shape}, v.shape={v.shape}, "
+            f"compressed_mask.shape={compressed_mask.shape}")
+  if q.ndim != 4 or k.ndim != 4:
+    raise ValueError(f"q must be (N, H, T, d) and k, v (N, Hkv, T, d); got {shapes}")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same (N, Hkv, T, d) shape; got {shapes}")
+  N, H, T, d = q.shape
+  if (k.shape[0], k.shape[2], k.shape[3]) != (N, T, d):
+    raise ValueError(f"k, v must match q's N, T and d; got {shapes}")
+  Hkv = k.shape[1]
+  if Hkv < 1 or H % Hkv:
+    raise ValueError(f"q's heads H={H} must be a multiple of k/v's heads Hkv={Hkv}; got {shapes}")
+  if compressed_mask.ndim != 4 or compressed_mask.shape[:3] != q.shape[:3]:
+    raise ValueError(f"compressed_mask must be (N, H, T, K) matching q's (N, H, T); "
+                     f"got {shapes}")
+  if compressed_mask.shape[3] < 1:
+    raise ValueError(f"compressed width K must be >= 1; got {shapes}")
+  return H // Hkv
 
 
 def _block_mask(rows: jax.Array, T: int, mask_rows: jax.Array) -> jax.Array:
@@ -32,14 +59,17 @@ def _block_mask(rows: jax.Array, T: int, mask_rows: jax.Array) -> jax.Array:
 
 def sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
                                compressed_mask: jax.Array, *, query_block: int = 128) -> jax.Array:
-  """softmax over kept keys, times v: q, k, v (N,H,T,d), M̂ (N,H,T,K) bool -> (N,H,T,d).
+  """softmax over kept keys, times v: q (N,H,T,d), k, v (N,Hkv,T,d), M̂ (N,H,T,K) bool
+  -> (N,H,T,d); query head h reads kv head h // (H // Hkv).
 
   q is already scaled. Scores and softmax are fp32 (fp64 for fp64 inputs); a row with nothing kept gives zeros.
   Query rows run in blocks of `query_block` (T is padded to a multiple) under `lax.scan`; the
   block body is rematerialised, so neither pass holds more than one block's B × T scores.
   Output dtype = v.dtype.
   """
+  G = check_shapes(q, k, v, compressed_mask)
   N, H, T, d = q.shape
+  Hkv = H // G
   acc = jnp.result_type(jnp.float32, q.dtype, k.dtype)
   B = max(1, min(query_block, T))
   n_blocks = -(-T // B)
@@ -54,7 +84,12 @@ def sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
   def block(q_blk, m_blk, start):
     rows = start + jnp.arange(B, dtype=jnp.int32)
     mask = _block_mask(rows, T, m_blk)
-    scores = jnp.einsum("nhbd,nhsd->nhbs", q_blk, k, preferred_element_type=acc)
+    if G > 1:  # grouped view (N, Hkv, G, ...) of the query heads: k, v are read, not repeated
+      mask = mask.reshape(N, Hkv, G, B, T)
+      scores = jnp.einsum("ngcbd,ngsd->ngcbs", q_blk.reshape(N, Hkv, G, B, d), k,
+                          preferred_element_type=acc)
+    else:
+      scores = jnp.einsum("nhbd,nhsd->nhbs", q_blk, k, preferred_element_type=acc)
     top = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True)
     top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
     # exp of the masked logits only: exp(scores - top) can overflow on dropped entries, and an
@@ -62,8 +97,11 @@ def sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
     p = jnp.exp(jnp.where(mask, scores - top, -jnp.inf))
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom > 0, denom, 1.0)
-    return jnp.einsum("nhbs,nhsd->nhbd", p.astype(v.dtype), v,
-                      preferred_element_type=jnp.promote_types(v.dtype, jnp.float32))
+    out_type = jnp.promote_types(v.dtype, jnp.float32)
+    if G > 1:
+      out = jnp.einsum("ngcbs,ngsd->ngcbd", p.astype(v.dtype), v, preferred_element_type=out_type)
+      return out.reshape(N, H, B, d)
+    return jnp.einsum("nhbs,nhsd->nhbd", p.astype(v.dtype), v, preferred_element_type=out_type)
 
   def step(carry, xs):
     q_blk, m_blk, start = xs
@@ -82,6 +120,8 @@ def sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
 # backward (custom VJP) recomputes each tile from the saved log-sum-exp. The list's static
 # length C is chosen per call from a ladder (`tile_ladder`) as the smallest rung that holds
 # every visited tile; the top rung holds every causal tile, so no kept key is ever dropped.
+# Tiles name flattened query heads n·H + h; with G query heads per kv head their k, v blocks
+# are row (n·H + h) // G = n·Hkv + h // G of the (N·Hkv) kv blocks.
 
 _EMPTY = 1e30  # finite stand-ins for -inf / the lse of a row with nothing kept
 
@@ -134,9 +174,15 @@ def _blocks(x, B):
   return x.reshape(NH, x.shape[2] // B, B, x.shape[-1])
 
 
+def _kv_row(h, G: int):
+  """Flat kv head n·Hkv + h_in // G of flat query head h = n·H + h_in (H = Hkv·G)."""
+  return h // G if G > 1 else h
+
+
 def _tiles_forward(q, k, v, cm, tiles, B: int):
-  """(out (NH,nb,B,d) fp32, lse (NH,nb,B) fp32) over the tiles."""
+  """(out (NH,nb,B,d) fp32, lse (NH,nb,B) fp32) over the tiles; k, v (N,Hkv,T,d)."""
   qb_, kb_, vb_, mb_ = (_blocks(x, B) for x in (q, k, v, cm))
+  G = q.shape[1] // k.shape[1]
   NH, nb, _, d = qb_.shape
   acc = jnp.result_type(jnp.float32, q.dtype, k.dtype)
   o = jnp.zeros((NH, nb, B, d), acc)
@@ -146,15 +192,16 @@ def _tiles_forward(q, k, v, cm, tiles, B: int):
   def step(carry, tile):
     o, m, l = carry
     h, i, j, ok = tile
+    g = _kv_row(h, G)
     mask = _tile_mask(mb_[h, i], i, j, B) & ok
-    s = jnp.dot(qb_[h, i], kb_[h, j].T, preferred_element_type=acc)
+    s = jnp.dot(qb_[h, i], kb_[g, j].T, preferred_element_type=acc)
     m_old, l_old, o_old = m[h, i], l[h, i], o[h, i]
     m_new = jnp.maximum(m_old, jnp.max(jnp.where(mask, s, -_EMPTY), axis=-1))
     p = jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - m_new[:, None]), 0.0)
     scale = jnp.exp(m_old - m_new)
     l = l.at[h, i].set(l_old * scale + jnp.sum(p, axis=-1))
     o = o.at[h, i].set(o_old * scale[:, None] + jnp.dot(
-        p.astype(v.dtype), vb_[h, j], preferred_element_type=acc))
+        p.astype(v.dtype), vb_[g, j], preferred_element_type=acc))
     return (o, m.at[h, i].set(m_new), l), None
 
   (o, m, l), _ = jax.lax.scan(step, (o, m, l), tiles)
@@ -165,7 +212,9 @@ def _tiles_forward(q, k, v, cm, tiles, B: int):
 
 
 def _tiles_backward(q, k, v, cm, tiles, out, lse, d_out, B: int):
+  """(dq (NH,nb,B,d), dk, dv (NHkv,nb,B,d)) fp32: the G query heads of a kv head add into it."""
   qb_, kb_, vb_, mb_ = (_blocks(x, B) for x in (q, k, v, cm))
+  G = q.shape[1] // k.shape[1]
   acc = lse.dtype
   do = _blocks(d_out, B).astype(acc)
   delta = jnp.sum(do * out, axis=-1)                                   # (NH,nb,B)
@@ -176,16 +225,17 @@ def _tiles_backward(q, k, v, cm, tiles, out, lse, d_out, B: int):
   def step(carry, tile):
     dq, dk, dv = carry
     h, i, j, ok = tile
+    g = _kv_row(h, G)
     mask = _tile_mask(mb_[h, i], i, j, B) & ok
-    qt, kt, vt = qb_[h, i], kb_[h, j], vb_[h, j]
+    qt, kt, vt = qb_[h, i], kb_[g, j], vb_[g, j]
     s = jnp.dot(qt, kt.T, preferred_element_type=acc)
     p = jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - lse[h, i][:, None]), 0.0)
     dot = do[h, i]
-    dv = dv.at[h, j].add(jnp.dot(p.T, dot))
+    dv = dv.at[g, j].add(jnp.dot(p.T, dot))
     dp = jnp.dot(dot, vt.T.astype(acc))
     ds = p * (dp - delta[h, i][:, None])
     dq = dq.at[h, i].add(jnp.dot(ds, kt.astype(acc)))
-    dk = dk.at[h, j].add(jnp.dot(ds.T, qt.astype(acc)))
+    dk = dk.at[g, j].add(jnp.dot(ds.T, qt.astype(acc)))
     return (dq, dk, dv), None
 
   (dq, dk, dv), _ = jax.lax.scan(step, (dq, dk, dv), tiles)
@@ -194,7 +244,7 @@ def _tiles_backward(q, k, v, cm, tiles, out, lse, d_out, B: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _tile_core(q, k, v, cm, tiles, B: int):
-  """(NH, nb, B, d) attention over the tile list; B (the tile size) is static."""
+  """(NH, nb, B, d) attention over the tile list; k, v (N, Hkv, T, d); B (tile size) static."""
   out, _ = _tiles_forward(q, k, v, cm, tiles, B)
   return out
 
@@ -218,7 +268,8 @@ _tile_core.defvjp(_tile_core_fwd, _tile_core_bwd)
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, compressed_mask: jax.Array, *,
                      query_block: int = 128, capacities: tuple[int, ...] | None = None
                      ) -> jax.Array:
-  """softmax over kept keys, times v: q, k, v (N,H,T,d), M̂ (N,H,T,K) bool -> (N,H,T,d).
+  """softmax over kept keys, times v: q (N,H,T,d), k, v (N,Hkv,T,d), M̂ (N,H,T,K) bool
+  -> (N,H,T,d); query head h reads kv head h // (H // Hkv), k and v are never repeated.
 
   Equals `sparse_attention_reference`: q already scaled; fp32 scores, softmax and
   accumulation (fp64 for fp64 inputs); a row with nothing kept gives zeros; output v.dtype.
@@ -226,6 +277,7 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, compressed_mask: 
   `capacities` (default `tile_ladder`; its last entry must hold every causal tile of every
   head). Memory: O(T·d) accumulators plus the (N·H, nb, nb) block map; nothing T × T.
   """
+  check_shapes(q, k, v, compressed_mask)
   N, H, T, d = q.shape
   B = max(1, min(query_block, T))
   nb = -(-T // B)
