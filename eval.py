@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                                            "dense checkpoint (default 256)")
   p.add_argument("--sparse-impl", choices=("auto", "xla", "pallas"),
                  help="SEA sparse attention implementation (default: pallas on GPU/TPU, xla on CPU)")
+  p.add_argument("--dense-impl", choices=("auto", "reference", "chunked", "cudnn"),
+                 help="dense attention: T x T reference, chunked (one query block at a time), "
+                      "cuDNN flash (GPU); default auto: cuDNN on GPU in bf16, else chunked "
+                      "beyond 2048 tokens")
   p.add_argument("--seq-len", type=int,
                  help="window length (default: the model's max positions, at most 2048)")
   p.add_argument("--batch-size", type=int, help="windows per step (default: data x fsdp size)")

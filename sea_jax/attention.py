@@ -1,28 +1,61 @@
-"""The attention seam: one interface, implementations chosen by `OPTConfig.attention`.
+"""The attention seam: one interface, implementations chosen by the config's `attention`.
 
-An attention core receives OPT's own projections and returns the per-head context:
+An attention core receives the model's own projections (after RoPE in the Llama family) and
+returns the per-head context:
 
   core(q, k, v, *, key_mask=None, sea_k=None, deterministic=True, return_aux=False)
-      q, k, v: (N, H, T, d); q is already scaled by d**-0.5 (OPT's convention).
+      q: (N, H, T, d), already scaled by d**-0.5; k, v: (N, Hkv, T, d), Hkv dividing H
+      (grouped-query attention: query head h reads kv head h // (H // Hkv); Hkv = H for OPT).
       key_mask: (N, T) bool, True for real tokens (None = all real).
       sea_k: keys per query per head for SEA (None = the config's k); ignored by others.
       -> (context (N, H, T, d), aux dict)
 
 `aux` is empty unless `return_aux`; then it holds at least "q", "k", "context" (what the
-distillation losses need) and, for SEA, the estimator outputs (SEA_SPEC §1.7).
-Implementations register themselves in `ATTENTION_CORES` by name.
+distillation losses need; "k" keeps its Hkv heads) and, for SEA, the estimator outputs
+(SEA_SPEC §1.7). Cores are built from the family-neutral `AttentionShape` and the SEA settings,
+never from a family's config; implementations register themselves in `ATTENTION_CORES` by name.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sea_jax.config import ConfigError, OPTConfig
+from sea_jax.config import DENSE_IMPLS, ConfigError, SEAConfig
 
 NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+  """What an attention core needs to know about its model: heads, kv heads, head dim, the
+  positions it may see, dtypes and the SEA settings."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  max_positions: int
+  dtype: object
+  param_dtype: object
+  sea: SEAConfig
+  dense_impl: str = "auto"
+
+  @classmethod
+  def of(cls, config) -> "AttentionShape":
+    """From any family config (OPTConfig, LlamaConfig)."""
+    return cls(num_heads=config.num_attention_heads, num_kv_heads=config.num_kv_heads,
+               head_dim=config.head_dim, max_positions=config.max_position_embeddings,
+               dtype=config.compute_dtype, param_dtype=config.params_dtype, sea=config.sea,
+               dense_impl=config.dense_impl)
+
+
+def repeat_kv(x: jax.Array, num_heads: int) -> jax.Array:
+  """(N, Hkv, T, e) -> (N, num_heads, T, e): kv head g serves query heads [g*G, (g+1)*G)
+  (Hugging Face's repeat_kv); identity when Hkv == num_heads."""
+  groups = num_heads // x.shape[1]
+  return x if groups == 1 else jnp.repeat(x, groups, axis=1)
 
 
 def causal_key_mask(T: int, key_mask: jax.Array | None, q_offset: int = 0,
@@ -39,39 +72,117 @@ def causal_key_mask(T: int, key_mask: jax.Array | None, q_offset: int = 0,
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                     key_mask: jax.Array | None = None) -> jax.Array:
-  """Causal softmax attention with an fp32 softmax: (N,H,T,d) x3 -> (N,H,T,d)."""
-  T = q.shape[2]
-  scores = jnp.einsum("nhtd,nhsd->nhts", q, k, preferred_element_type=jnp.float32)
+  """Causal softmax attention with an fp32 softmax: q (N,H,T,d), k/v (N,Hkv,T,d) -> (N,H,T,d).
+
+  Grouped-query attention reads each kv head for its G = H / Hkv query heads without copying it.
+  """
+  N, H, T, d = q.shape
+  G = H // k.shape[1]
+  if G == 1:
+    scores = jnp.einsum("nhtd,nhsd->nhts", q, k, preferred_element_type=jnp.float32)
+  else:
+    scores = jnp.einsum("nhgtd,nhsd->nhgts", q.reshape(N, H // G, G, T, d), k,
+                        preferred_element_type=jnp.float32).reshape(N, H, T, T)
   mask = causal_key_mask(T, key_mask)
   scores = jnp.where(mask, scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1)
   probs = jnp.where(mask, probs, 0.0)  # fully masked rows (padding queries) give zeros
-  return jnp.einsum("nhts,nhsd->nhtd", probs.astype(v.dtype), v)
+  if G == 1:
+    return jnp.einsum("nhts,nhsd->nhtd", probs.astype(v.dtype), v)
+  out = jnp.einsum("nhgts,nhsd->nhgtd", probs.astype(v.dtype).reshape(N, H // G, G, T, T), v)
+  return out.reshape(N, H, T, v.shape[-1])
+
+
+CHUNKED_FROM = 2048  # "auto" on CPU/TPU: the T x T reference up to here, chunked beyond
+
+
+def dense_attention_chunked(q: jax.Array, k: jax.Array, v: jax.Array,
+                            key_mask: jax.Array | None = None, *, block: int = 256) -> jax.Array:
+  """`dense_attention` one query block at a time: the same fp32 softmax, never T x T.
+
+  q (N,H,T,d), k/v (N,Hkv,T,d) -> (N,H,T,d). Each block of `block` query rows scores all T
+  keys (O(block * T) memory per head); the block body is rematerialised under `lax.scan`, so
+  the backward also holds one block's scores at a time.
+  """
+  N, H, T, d = q.shape
+  Hkv = k.shape[1]
+  G = H // Hkv
+  B = max(1, min(block, T))
+  nb = -(-T // B)
+  pad = nb * B - T
+  qp = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else q
+  q_blocks = jnp.moveaxis(qp.reshape(N, Hkv, G, nb, B, d), 3, 0)  # (nb,N,Hkv,G,B,d)
+
+  @jax.checkpoint
+  def one_block(q_blk, start):
+    scores = jnp.einsum("nhgbd,nhsd->nhgbs", q_blk, k, preferred_element_type=jnp.float32)
+    mask = causal_key_mask(T, key_mask, q_offset=start, rows=B)[:, :, None]  # (N|1,1,1,B,T)
+    scores = jnp.where(mask, scores, NEG_INF)
+    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
+    return jnp.einsum("nhgbs,nhsd->nhgbd", probs.astype(v.dtype), v)
+
+  def step(carry, xs):
+    return carry, one_block(*xs)
+
+  starts = jnp.arange(nb, dtype=jnp.int32) * B
+  _, out = jax.lax.scan(step, None, (q_blocks, starts))
+  out = jnp.moveaxis(out, 0, 3).reshape(N, H, nb * B, v.shape[-1])
+  return out[:, :, :T]
+
+
+def dense_attention_cudnn(q, k, v):
+  """jax.nn.dot_product_attention with cuDNN's flash attention (GPU, bf16/fp16), causal, no
+  padding mask (a padded batch takes the chunked path); q pre-scaled; GQA native."""
+  out = jax.nn.dot_product_attention(
+      q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=1.0,
+      is_causal=True, implementation="cudnn")
+  return out.transpose(0, 2, 1, 3)
+
+
+def resolve_dense_impl(impl: str, T: int, dtype) -> str:
+  """The dense implementation that `impl` means for this backend, length and dtype."""
+  if impl != "auto":
+    return impl
+  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return "cudnn"
+  return "chunked" if T > CHUNKED_FROM else "reference"
 
 
 class DenseAttention(nnx.Module):
-  """OPT's own causal softmax attention; no parameters."""
+  """The model's own causal softmax attention; no parameters. `shape.dense_impl` picks the
+  T x T reference, the chunked XLA path or cuDNN (see `resolve_dense_impl`)."""
 
-  def __init__(self, config: OPTConfig, *, rngs: nnx.Rngs):
-    del config, rngs
+  def __init__(self, shape: AttentionShape, *, rngs: nnx.Rngs):
+    del rngs
+    self.impl = shape.dense_impl
 
   def __call__(self, q, k, v, *, key_mask=None, sea_k=None, deterministic=True,
                return_aux=False):
     del sea_k, deterministic
+    impl = resolve_dense_impl(self.impl, q.shape[2], q.dtype)
     with jax.named_scope("dense_attention"):
-      context = dense_attention(q, k, v, key_mask)
+      if impl == "reference":
+        context = dense_attention(q, k, v, key_mask)
+      elif impl == "chunked":
+        context = dense_attention_chunked(q, k, v, key_mask)
+      elif impl == "cudnn" and key_mask is None:
+        context = dense_attention_cudnn(q, k, v)
+      elif impl == "cudnn":
+        context = dense_attention_chunked(q, k, v, key_mask)
+      else:
+        raise ConfigError(f"unknown dense_impl {impl!r}; choose from {DENSE_IMPLS}")
     aux = {"q": q, "k": k, "context": context} if return_aux else {}
     return context, aux
 
 
-def _sea_core(config: OPTConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+def _sea_core(shape: AttentionShape, *, rngs: nnx.Rngs) -> nnx.Module:
   from sea_jax.sea import SEAAttention  # imported lazily: SEA is optional at import time
-  return SEAAttention.from_config(config, rngs=rngs)
+  return SEAAttention.from_shape(shape, rngs=rngs)
 
 
-def _performer_core(config: OPTConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+def _performer_core(shape: AttentionShape, *, rngs: nnx.Rngs) -> nnx.Module:
   from sea_jax.sea import PerformerAttention
-  return PerformerAttention.from_config(config, rngs=rngs)
+  return PerformerAttention.from_shape(shape, rngs=rngs)
 
 
 ATTENTION_CORES: dict[str, Callable[..., nnx.Module]] = {
@@ -81,9 +192,9 @@ ATTENTION_CORES: dict[str, Callable[..., nnx.Module]] = {
 }
 
 
-def make_attention_core(config: OPTConfig, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
-  """The attention core of decoder layer `layer`, as the config chooses."""
+def make_attention_core(config, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The attention core of decoder layer `layer`, as the (any family's) config chooses."""
   kind = config.attention_kind(layer)
   if kind not in ATTENTION_CORES:
     raise ConfigError(f"unknown attention {kind!r}; choose from {sorted(ATTENTION_CORES)}")
-  return ATTENTION_CORES[kind](config, rngs=rngs)
+  return ATTENTION_CORES[kind](AttentionShape.of(config), rngs=rngs)

@@ -1,7 +1,7 @@
 """Model folders on disk: config.json + an Orbax checkpoint of the parameters + tokenizer files.
 
 A model folder (what `python -m sea_jax.convert` writes and `eval.py --model` reads):
-  config.json        Hugging Face OPT config, SEA settings under "sea_jax"
+  config.json        Hugging Face config of its family (OPT, Llama, ...), SEA settings under "sea_jax"
   params/            Orbax checkpoint of the model's pure-dict state (one array per variable)
   vocab.json, ...    tokenizer files
 
@@ -23,10 +23,11 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from sea_jax import hf_io
 from sea_jax import sharding as shd
-from sea_jax.config import OPTConfig, load_config
+from sea_jax.config import ConfigError, load_config
 from sea_jax.errors import UserError
-from sea_jax.opt import OPTForCausalLM
+from sea_jax.families import model_class, name_table
 
 PARAMS_DIR = "params"
 FRESH_OK_MARKERS = ("core",)  # subtrees an attention swap may add (the attention core's own state)
@@ -77,16 +78,21 @@ def path_str(path: tuple) -> str:
   return ".".join(str(p) for p in path)
 
 
-def abstract_model(config: OPTConfig) -> tuple[nnx.GraphDef, nnx.State]:
+def build_model(config, rngs: nnx.Rngs):
+  """The model of `config`'s family (OPTForCausalLM, LlamaForCausalLM, ...)."""
+  return model_class(config)(config, rngs=rngs)
+
+
+def abstract_model(config) -> tuple[nnx.GraphDef, nnx.State]:
   """The model's graph and its state as ShapeDtypeStructs (nothing allocated)."""
-  model = nnx.eval_shape(lambda: OPTForCausalLM(config, rngs=nnx.Rngs(config.sea.seed)))
+  model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(config.sea.seed)))
   return nnx.split(model)
 
 
-def init_state(config: OPTConfig, mesh: Mesh | None = None) -> nnx.State:
+def init_state(config, mesh: Mesh | None = None) -> nnx.State:
   """A freshly initialised state, created directly in its sharding when a mesh is given."""
   def init():
-    return nnx.state(OPTForCausalLM(config, rngs=nnx.Rngs(config.sea.seed)))
+    return nnx.state(build_model(config, nnx.Rngs(config.sea.seed)))
   if mesh is None:
     return jax.jit(init)()
   _, abstract = abstract_model(config)
@@ -103,7 +109,7 @@ def save_params(state_or_dict: Any, folder: str) -> None:
   ckpt.wait_until_finished()
 
 
-def write_config(config: OPTConfig, folder: str) -> None:
+def write_config(config, folder: str) -> None:
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(config.to_hf_dict(), f, indent=2)
@@ -145,8 +151,8 @@ def restore_params(folder: str, abstract: nnx.State, mesh: Mesh | None) -> tuple
   return restored, missing
 
 
-def load_model(folder: str, mesh: Mesh | None = None, **overrides) -> OPTForCausalLM:
-  """Loads a model folder into an OPTForCausalLM sharded on `mesh` (or on one device).
+def load_model(folder: str, mesh: Mesh | None = None, **overrides):
+  """Loads a model folder into its family's model, sharded on `mesh` (or on one device).
 
   `overrides` replace config fields (e.g. attention="sea", dtype="bfloat16").
   """
@@ -156,8 +162,8 @@ def load_model(folder: str, mesh: Mesh | None = None, **overrides) -> OPTForCaus
   return assemble(config, graphdef, abstract, restored, missing, mesh)
 
 
-def assemble(config: OPTConfig, graphdef, abstract, restored: dict, missing: list[tuple],
-             mesh: Mesh | None) -> OPTForCausalLM:
+def assemble(config, graphdef, abstract, restored: dict, missing: list[tuple],
+             mesh: Mesh | None):
   """Merges restored parameters with fresh ones for `missing` paths (attention cores only)."""
   not_fresh = [p for p in missing if not any(m in p for m in FRESH_OK_MARKERS)]
   if not_fresh:
@@ -173,7 +179,7 @@ def assemble(config: OPTConfig, graphdef, abstract, restored: dict, missing: lis
   return nnx.merge(graphdef, state)
 
 
-def apply_overrides(config: OPTConfig, **overrides) -> OPTConfig:
+def apply_overrides(config, **overrides):
   """Replaces config fields; keys "sea_<field>" replace fields of the SEA settings."""
   sea = {k[len("sea_"):]: v for k, v in overrides.items() if k.startswith("sea_")}
   top = {k: v for k, v in overrides.items() if not k.startswith("sea_")}
@@ -184,14 +190,38 @@ def apply_overrides(config: OPTConfig, **overrides) -> OPTConfig:
   return config
 
 
-def load_pretrained(path: str, mesh: Mesh | None = None, **overrides) -> OPTForCausalLM:
-  """A sea-jax model folder, a Hugging Face OPT folder (converted on the fly, tensor by tensor
-  straight into its sharding) or a hub id -> OPTForCausalLM on `mesh`."""
+def read_hf_config(folder: str):
+  """The family config of a Hugging Face folder; a bad config.json is a ConvertError."""
+  if not os.path.isfile(os.path.join(folder, "config.json")):
+    raise hf_io.ConvertError(f"no config.json in {folder}")
+  try:
+    return load_config(folder)
+  except ConfigError as e:
+    raise hf_io.ConvertError(str(e)) from None
+
+
+def source_config(path: str):
+  """The config stored at `path` (a sea-jax model folder, a HF folder or a hub id)."""
+  if is_model_folder(path):
+    return load_config(path)
+  return read_hf_config(hf_io.resolve_source(path))
+
+
+def read_hf_params(folder: str, config, put) -> dict:
+  """A HF folder's tensors for the dense model of `config`, each through `put(path, array)`
+  -> flat {path: put's result}; shapes checked against the model (`hf_io.hf_params`)."""
+  _, abstract = abstract_model(dataclasses.replace(config, attention="dense"))
+  want = flatten(nnx.to_pure_dict(abstract))
+  return hf_io.hf_params(folder, name_table(config), want, put, tied=config.tie_word_embeddings)
+
+
+def load_pretrained(path: str, mesh: Mesh | None = None, **overrides):
+  """A sea-jax model folder, a Hugging Face folder of any family (converted on the fly, tensor
+  by tensor straight into its sharding) or a hub id -> the family's model on `mesh`."""
   if is_model_folder(path):
     return load_model(path, mesh, **overrides)
-  from sea_jax import convert
-  folder = convert.resolve_source(path)
-  config = apply_overrides(convert.read_hf_config(folder), **overrides)
+  folder = hf_io.resolve_source(path)
+  config = apply_overrides(read_hf_config(folder), **overrides)
   graphdef, abstract = abstract_model(config)
   shardings = flatten(nnx.to_pure_dict(shd.state_shardings(abstract, mesh))) if mesh is not None else None
   wanted = flatten(nnx.to_pure_dict(abstract))
@@ -200,6 +230,6 @@ def load_pretrained(path: str, mesh: Mesh | None = None, **overrides) -> OPTForC
     value = jnp.asarray(array, wanted[p].dtype)
     return jax.device_put(value, shardings[p]) if shardings is not None else value
 
-  flat = convert.hf_params(folder, config, put)
+  flat = read_hf_params(folder, config, put)
   missing = [p for p in wanted if p not in flat]
   return assemble(config, graphdef, abstract, unflatten(flat), missing, mesh)

@@ -250,8 +250,16 @@ def _as_protocol(protocol: str | Protocol) -> Protocol:
   return PROTOCOLS[protocol]
 
 
+def protocol_bos(tokenizer, protocol: str | Protocol) -> dict | None:
+  """{"token", "id"} of the token `protocol` prepends (gptq), None when it adds none."""
+  if not _as_protocol(protocol).add_bos:
+    return None
+  token_id = _bos_id(tokenizer)
+  return {"token": tokenizer.convert_ids_to_tokens(token_id), "id": token_id}
+
+
 def _bos_id(tokenizer) -> int:
-  """The id OPT prepends (`</s>` = 2): bos, else eos."""
+  """The id the gptq protocol prepends: the tokenizer's BOS (OPT's is `</s>` = 2), else EOS."""
   token_id = tokenizer.bos_token_id
   if token_id is None:
     token_id = tokenizer.eos_token_id

@@ -1,4 +1,4 @@
-"""WikiText-2 perplexity of an OPT model (dense, SEA or Performer), jitted and sharded.
+"""WikiText-2 perplexity of a causal LM (OPT or Llama family; dense, SEA or Performer), jitted and sharded.
 
 ppl = exp(mean over windows of the window's mean next-token cross-entropy), over non-overlapping
 windows from token 0 with the last partial window dropped (SEA_SPEC §4).
@@ -20,10 +20,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sea_jax import sharding as shd
-from sea_jax.opt import OPTForCausalLM
 
 
-def window_losses(model: OPTForCausalLM, windows: jax.Array, sea_k: int | None) -> jax.Array:
+def window_losses(model: nnx.Module, windows: jax.Array, sea_k: int | None) -> jax.Array:
   """windows (B, T) int -> (B,) mean next-token cross-entropy of each window (fp32)."""
   logits = model(windows, sea_k=sea_k).logits[:, :-1].astype(jnp.float32)
   targets = windows[:, 1:]
@@ -58,7 +57,7 @@ def host_peak_rss() -> int:
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def perplexity(model: OPTForCausalLM, windows: np.ndarray, *, batch_size: int, mesh: Mesh,
+def perplexity(model: nnx.Module, windows: np.ndarray, *, batch_size: int, mesh: Mesh,
                sea_k: int | None = None, progress: bool = True, desc: str = "eval") -> EvalResult:
   """Perplexity over `windows` (W, T); batches are split over the mesh's data x fsdp axes."""
   from tqdm import tqdm
@@ -152,6 +151,8 @@ def _overrides(args) -> dict:
     over["sea_K"] = args.sea_K
   if args.sparse_impl:
     over["sea_sparse_impl"] = args.sparse_impl
+  if getattr(args, "dense_impl", None):
+    over["dense_impl"] = args.dense_impl
   return over
 
 
@@ -254,15 +255,16 @@ def _run_eval(args) -> int:
       batch_size = args.batch_size or per_step
       if text_path is None:
         where = dict(protocol=args.protocol, split=data.PROTOCOLS[args.protocol].split,
-                     text=None)
+                     text=None, bos=data.protocol_bos(tokenizer, args.protocol))
       else:
-        where = dict(protocol="text-file", split=None, text=text_path)
+        where = dict(protocol="text-file", split=None, text=text_path, bos=None)
       for k in (ks if cfg.attention == "sea" else [None]):  # one line per k for SEA only
         result = perplexity(model, windows, batch_size=batch_size, mesh=mesh, sea_k=k,
                             progress=not args.no_progress,
                             desc=f"{os.path.basename(os.path.normpath(path))} {cfg.attention}")
         sea_k = (k if k is not None else cfg.sea.k) if cfg.attention == "sea" else None
-        line = summary(result, model=path, **where, tokenizer=tok_name, seq_len=seq_len,
+        line = summary(result, model=path, model_type=getattr(cfg, "model_type", cfg.family),
+                       **where, tokenizer=tok_name, seq_len=seq_len,
                        tokens=int(tokens.size), windows=int(windows.shape[0]),
                        attention=cfg.attention, sea_k=sea_k,
                        sea_K=cfg.sea.K if cfg.attention == "sea" else None,

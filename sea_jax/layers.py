@@ -1,4 +1,4 @@
-"""Small building blocks whose parameters carry logical axis names.
+"""Small building blocks whose parameters carry logical axis names (Linear, LayerNorm, RMSNorm).
 
 Every parameter is declared with the logical axes of its dimensions (`out_sharding` metadata);
 `sea_jax.sharding` maps those names onto a device mesh with one table.
@@ -73,3 +73,19 @@ class LayerNorm(nnx.Module):
     if self.scale is not None:
       y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Llama's RMSNorm: x / sqrt(mean(x^2) + eps) in fp32, cast back, times the scale (as Hugging
+  Face orders it: the normalised x is cast to `dtype` before the scale multiplies it)."""
+
+  def __init__(self, features: int, *, eps: float = 1e-6, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.scale = param(rngs, ones_init, (features,), ("norm",), param_dtype)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(self.dtype) * y.astype(self.dtype)

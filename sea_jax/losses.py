@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from sea_jax.attention import repeat_kv
 from sea_jax.sea.bins import bin_index
 
 NEG = -1e30  # "-large": exp(NEG - lse) is exactly 0 in fp32
@@ -108,8 +109,11 @@ def _block_sums(kt, ks, key_real, qt, qs, est, mask, rows, row_w, *, K):
 
 def _layer_inputs(teacher_aux, student_aux, K, key_mask):
   """fp32 inputs (teacher stop_gradient'ed), est or None, row weights (N,T), key mask."""
-  qt, kt = _teacher(teacher_aux["q"]), _teacher(teacher_aux["k"])
-  qs, ks = _f32(student_aux["q"]), _f32(student_aux["k"])
+  # k keeps its Hkv heads in the aux (grouped-query attention): one copy per query head here,
+  # O(T) like q (the T x T maps are built per query block below)
+  qt, qs = _teacher(teacher_aux["q"]), _f32(student_aux["q"])
+  kt = repeat_kv(_teacher(teacher_aux["k"]), qt.shape[1])
+  ks = repeat_kv(_f32(student_aux["k"]), qs.shape[1])
   if qt.shape != qs.shape or kt.shape != ks.shape or qt.shape != kt.shape:
     raise ValueError(f"q/k shapes differ: teacher {qt.shape}, {kt.shape}; "
                      f"student {qs.shape}, {ks.shape}")

@@ -9,38 +9,19 @@ Shapes: N batch, T sequence, D hidden_size, E word_embed_proj_dim, V vocab, H he
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from sea_jax.attention import make_attention_core
 from sea_jax.config import ConfigError, OPTConfig
+from sea_jax.decoder import CausalLMOutput, dropout as _dropout, lm_logits, run_layers
 from sea_jax.layers import LayerNorm, Linear, normal_init, param
 
 POSITION_OFFSET = 2  # OPT's learned position table has two extra leading rows
 
 
-@dataclasses.dataclass
-class OPTOutput:
-  """logits (N,T,V); hidden_states: L+1 arrays (N,T,D or E) when asked, as Hugging Face returns
-  them (embeddings, each layer's output, the last after the final norm/projection);
-  attn_aux: one dict per layer from the attention cores when asked."""
-  logits: jax.Array
-  hidden_states: tuple[jax.Array, ...] | None = None
-  attn_aux: tuple[dict[str, jax.Array], ...] | None = None
-
-
-jax.tree_util.register_dataclass(
-    OPTOutput, data_fields=["logits", "hidden_states", "attn_aux"], meta_fields=[])
-
-
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+OPTOutput = CausalLMOutput  # the output record every family shares (sea_jax.decoder)
 
 
 class OPTAttention(nnx.Module):
@@ -155,21 +136,11 @@ class OPTForCausalLM(nnx.Module):
         x = self.project_in(x)
       h = x + jnp.take(self.embed_positions[...], positions + POSITION_OFFSET, axis=0).astype(dt)
 
-    layer_keys = (jax.random.split(dropout_rng, len(self.layers)) if dropout_rng is not None
-                  else [None] * len(self.layers))
-    hidden, auxes = [], []
-
-    def run_layer(layer, h, key):
+    def call(layer, h, key):
       return layer(h, key_mask=key_mask, sea_k=sea_k, dropout_rng=key, return_aux=return_attn_aux)
 
-    if cfg.remat:
-      run_layer = nnx.remat(run_layer)
-    for i, layer in enumerate(self.layers):
-      if output_hidden_states:
-        hidden.append(h)
-      with jax.named_scope(f"layer_{i}"):
-        h, aux = run_layer(layer, h, layer_keys[i])
-      auxes.append(aux)
+    h, hidden, auxes = run_layers(self.layers, h, remat=cfg.remat, dropout_rng=dropout_rng,
+                                  output_hidden_states=output_hidden_states, call=call)
 
     with jax.named_scope("head"):
       if self.final_layer_norm is not None:
@@ -178,8 +149,7 @@ class OPTForCausalLM(nnx.Module):
         h = self.project_out(h)
       if output_hidden_states:
         hidden.append(h)
-      logits = jnp.einsum("nte,ve->ntv", h, self.embed_tokens[...].astype(dt),
-                          preferred_element_type=jnp.float32)
+      logits = lm_logits(h, self.embed_tokens[...], dt)
     return OPTOutput(logits=logits,
                      hidden_states=tuple(hidden) if output_hidden_states else None,
                      attn_aux=tuple(auxes) if return_attn_aux else None)

@@ -26,6 +26,7 @@ LOGICAL_RULES: dict[str | None, str | tuple[str, ...] | None] = {
     "vocab": "tensor",      # embedding rows / LM head columns
     "embed": "fsdp",        # model dimension: FSDP
     "heads": "tensor",      # q/k/v output features, out_proj input features: tensor parallel
+    "kv_heads": "tensor",   # k/v output features under grouped-query attention (Llama family)
     "mlp": "tensor",        # FFN inner dimension: tensor parallel
     "positions": None,
     "norm": None,

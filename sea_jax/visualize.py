@@ -109,6 +109,7 @@ def attention_maps(model, ids, *, sea_k: int | None = None, teacher=None,
       mean over rows
   """
   import jax.numpy as jnp
+  from sea_jax.attention import repeat_kv
   from sea_jax.sea import expand_mask
   ids = jnp.asarray(ids, jnp.int32).reshape(1, -1)
   T = ids.shape[1]
@@ -122,7 +123,8 @@ def attention_maps(model, ids, *, sea_k: int | None = None, teacher=None,
   for layer in chosen:
     a = aux[layer]
     src = teacher_aux[layer] if teacher_aux is not None else a
-    attn = causal_softmax(src["q"][0], src["k"][0])
+    q = src["q"][0]
+    attn = causal_softmax(q, repeat_kv(src["k"], q.shape[0])[0])
     mask = np.asarray(expand_mask(a["compressed_mask"], T))[0]
     maps[layer] = {
         "teacher": attn,
@@ -308,12 +310,10 @@ def _int_list(text: str | None, flag: str) -> list[int] | None:
 
 def _source_config(path: str):
   """The config stored at `path` (sea-jax model folder, HF folder or hub id), before overrides."""
-  from sea_jax import checkpoint, config, convert
-  if checkpoint.is_model_folder(path):
-    return config.load_config(path)
+  from sea_jax import checkpoint
   if not os.path.exists(path) and (path.startswith((".", "/")) or path.count("/") > 1):
     raise VisualizeError(f"no such model: {path}")
-  return convert.read_hf_config(convert.resolve_source(path))
+  return checkpoint.source_config(path)
 
 
 def _tokens(args) -> tuple[np.ndarray, bool, list[str]]:

@@ -78,3 +78,42 @@ def torch_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.n
   with torch.no_grad():
     out = ref(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask))
   return out.logits.numpy()
+
+
+def tiny_llama_kwargs(model_type: str = "llama", *, kv_heads: int = 2, head_dim: int = 16,
+                      rope: dict | None = None, tied: bool = False, vocab_size: int = VOCAB) -> dict:
+  """A 2-layer Llama / Qwen2 / Mistral config: 4 query heads over `kv_heads` kv heads."""
+  kw = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=head_dim,
+            max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, **(rope or {})})
+  if model_type == "mistral":
+    kw["sliding_window"] = None
+  return kw
+
+
+LLAMA_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                 "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                 "mistral": ("MistralConfig", "MistralForCausalLM")}
+
+
+def save_tiny_llama(folder: str, model_type: str = "llama", *, seed: int = 0,
+                    with_tokenizer: bool = False, **kwargs):
+  """Builds a random transformers Llama-family model (weights at std 0.2, so attention and
+  RoPE move the logits well above rounding) and save_pretrained()s it; returns the model."""
+  import torch
+  import transformers
+  config_cls, model_cls = (getattr(transformers, n) for n in LLAMA_CLASSES[model_type])
+  torch.manual_seed(seed)
+  config = config_cls(**tiny_llama_kwargs(model_type, **kwargs), initializer_range=0.2)
+  model = model_cls(config).eval()
+  with torch.no_grad():  # non-trivial norm scales and biases
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  os.makedirs(folder, exist_ok=True)
+  model.save_pretrained(folder)
+  if with_tokenizer:
+    from sea_jax.data import load_tokenizer, save_tokenizer
+    save_tokenizer(load_tokenizer(None), folder)
+  return model

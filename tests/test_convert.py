@@ -102,7 +102,7 @@ def test_error_not_opt(tmp_path, hf_folder):
   cfg = json.load(open(hf_folder / "config.json"))
   cfg["model_type"] = "gpt2"
   json.dump(cfg, open(hf_folder / "config.json", "w"))
-  assert "not 'opt'" in _cli_error(hf_folder, tmp_path / "out")
+  assert "'gpt2' is not supported" in _cli_error(hf_folder, tmp_path / "out")
 
 
 def test_error_wrong_shape_names_the_tensor(tmp_path, hf_folder):

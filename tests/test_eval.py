@@ -59,6 +59,8 @@ def test_perplexity_matches_transformers(tiny_hf, protocol):
   assert line["tokens"] == {"sea": 251048, "gptq": 287645}[protocol]
   assert line["split"] == {"sea": "validation", "gptq": "test"}[protocol]
   assert line["windows"] == 3 and line["seq_len"] == 128 and line["attention"] == "dense"
+  assert line["bos"] == ({"token": "</s>", "id": 2} if protocol == "gptq" else None)
+  assert line["model_type"] == "opt"
 
 
 def test_sharded_eval_equals_single_device(tiny_hf):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sea_jax.attention import make_attention_core
+from sea_jax.attention import AttentionShape, make_attention_core
 from sea_jax.config import ConfigError, OPTConfig, SEAConfig
 from sea_jax.sea import PerformerAttention, RandomFeatures, SEAAttention, sparse_dispatch
 
@@ -32,13 +32,17 @@ def small_config(H=3, d=16, K=64, k=4, max_pos=320, **sea) -> OPTConfig:
                    attention="sea", sea=sea)
 
 
+def shape_of(config) -> AttentionShape:
+  return AttentionShape.of(config)
+
+
 def random_qkv(rng, N, H, T, d, dtype=np.float32):
   q, k, v = (rng.standard_normal((N, H, T, d)) for _ in range(3))
   return tuple(jnp.asarray(x, dtype) for x in (q * d ** -0.5, k, v))
 
 
 def make_layer(config, seed, rng) -> SEAAttention:
-  layer = SEAAttention.from_config(config, rngs=nnx.Rngs(seed))
+  layer = SEAAttention.from_shape(shape_of(config), rngs=nnx.Rngs(seed))
   randomize_params(layer, rng)
   return layer
 
@@ -206,8 +210,8 @@ def test_bf16():
   out, aux = run(layer, *(x.astype(jnp.bfloat16) for x in (q, k, v)))
   assert out.dtype == jnp.bfloat16 and bool(jnp.isfinite(out.astype(jnp.float32)).all())
   assert aux["est_probs"].dtype == jnp.float32
-  layer32 = SEAAttention.from_config(dataclasses.replace(config, dtype="float32"),
-                                     rngs=nnx.Rngs(0))
+  layer32 = SEAAttention.from_shape(shape_of(dataclasses.replace(config, dtype="float32")),
+                                    rngs=nnx.Rngs(0))
   nnx.update(layer32, nnx.state(layer))
   want, aux32 = run(layer32, q, k, v)
   assert rel_err(aux["est_logits"], aux32["est_logits"]) <= 3e-2, f"seed={seed}"
@@ -230,10 +234,10 @@ def test_k_at_least_t_gives_dense_rows():
 
 def test_config_errors():
   with pytest.raises(ConfigError, match="multiple of 4"):
-    SEAAttention.from_config(small_config(K=30), rngs=nnx.Rngs(0))
+    SEAAttention.from_shape(shape_of(small_config(K=30)), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="k"):
-    SEAAttention.from_config(small_config(k=0), rngs=nnx.Rngs(0))
-  layer = SEAAttention.from_config(small_config(K=8), rngs=nnx.Rngs(0))
+    SEAAttention.from_shape(shape_of(small_config(k=0)), rngs=nnx.Rngs(0))
+  layer = SEAAttention.from_shape(shape_of(small_config(K=8)), rngs=nnx.Rngs(0))
   q = jnp.ones((1, 3, 10, 16))
   with pytest.raises(ValueError, match="k"):
     layer(q, q, q, sea_k=0)
@@ -249,7 +253,7 @@ def test_pallas_unavailable_is_a_clear_error(monkeypatch):
 
 
 def test_random_features_are_fixed_not_trained():
-  layer = SEAAttention.from_config(small_config(), rngs=nnx.Rngs(0))
+  layer = SEAAttention.from_shape(shape_of(small_config()), rngs=nnx.Rngs(0))
   params = nnx.state(layer, nnx.Param)
   assert "features" not in params and "positions" in params
   (W,) = jax.tree.leaves(nnx.state(layer, RandomFeatures))
@@ -267,7 +271,7 @@ def test_attention_seam_builds_both_cores():
 def test_performer_attention_matches_reference():
   rng, seed = make_rng()
   config = dataclasses.replace(small_config(H=2, d=16), attention="performer")
-  layer = PerformerAttention.from_config(config, rngs=nnx.Rngs(seed))
+  layer = PerformerAttention.from_shape(shape_of(config), rngs=nnx.Rngs(seed))
   q, k, v = random_qkv(rng, 2, 2, 45, 16)
   out, aux = layer(q, k, v, return_aux=True)
   W = layer.features[...]
@@ -276,3 +280,42 @@ def test_performer_attention_matches_reference():
   assert set(aux) == {"q", "k", "context"} and out.dtype == jnp.float32
   assert rel_err(out, want) <= 1e-5, f"seed={seed}"
   assert "features" not in nnx.state(layer, nnx.Param)
+
+
+@pytest.mark.parametrize("Hkv", [1, 2])
+def test_gqa_layer_matches_reference_with_repeated_kv(Hkv):
+  """Grouped-query SEA (k, v with Hkv < H heads, as a Llama layer feeds it) against the float64
+  reference run on k, v repeated to H heads (query head h reads kv head h // (H // Hkv))."""
+  rng, seed = make_rng()
+  N, H, T, d, K = 2, 4, 90, 16, 64
+  layer = make_layer(small_config(H=H, d=d, K=K, k=3), seed, rng)
+  q, _, _ = random_qkv(rng, N, H, T, d)
+  _, k, v = random_qkv(rng, N, Hkv, T, d)
+  context, aux = run(layer, q, k, v)
+  assert aux["k"].shape == (N, Hkv, T, d) and aux["compressed_mask"].shape == (N, H, T, K)
+  mask = np.asarray(aux["compressed_mask"])
+  assert np.array_equal(mask, ref_topk(aux["est_probs"], 3)), f"seed={seed}: mask"
+  rep = lambda x: np.repeat(np.asarray(x), H // Hkv, axis=1)  # noqa: E731
+  want, logits, _, _ = ref_layer(layer, q, rep(k), rep(v), mask)
+  assert rel_err(aux["est_logits"], logits) <= 1e-4, f"seed={seed}"
+  assert rel_err(context, want) <= 1e-4, f"seed={seed}: rel err {rel_err(context, want)}"
+
+
+def test_position_table_interpolates_beyond_its_rows():
+  """A table of R < max_positions rows (long context): position s reads it at
+  s (R - 1) / (max_positions - 1), linearly interpolated; R = max_positions indexes rows."""
+  from sea_jax.sea.layer import position_values
+  rng, seed = make_rng()
+  table = rng.standard_normal((5, 3))
+  got = np.asarray(position_values(jnp.asarray(table), 17, 17))
+  u = np.arange(17) * 4 / 16
+  want = np.stack([np.interp(u, np.arange(5), table[:, j]) for j in range(3)], -1)
+  assert np.allclose(got, want, atol=1e-6), f"seed={seed}"
+  table32 = table.astype(np.float32)
+  assert np.array_equal(np.asarray(position_values(jnp.asarray(table32), 4, 5)), table32[:4])
+  config = small_config(H=2, max_pos=400, position_rows=64)
+  layer = make_layer(config, seed, rng)
+  assert layer.positions[...].shape == (64, 16)
+  q, k, v = random_qkv(rng, 1, 2, 300, 16)
+  out, _ = run(layer, q, k, v)
+  assert bool(jnp.isfinite(out).all())

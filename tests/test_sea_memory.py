@@ -1,4 +1,5 @@
-"""SEA's fwd+bwd memory grows linearly in T; dense attention's grows quadratically.
+"""SEA's fwd+bwd memory grows linearly in T; dense attention's grows quadratically (the T x T
+reference), or linearly on the chunked path that `dense_impl="auto"` takes beyond 2048 tokens.
 
 Compiles (does not run) grad of sum(context) w.r.t. q, k, v and the layer's params at opt-125m
 head shapes (N=1, H=12, d=64, K=256, k=64) and reads XLA's planned temp bytes.
@@ -16,9 +17,10 @@ from sea_jax.config import OPTConfig, SEAConfig
 H, D, K, TOP_K = 12, 64, 256, 64
 
 
-def temp_bytes(kind: str, T: int) -> int:
+def temp_bytes(kind: str, T: int, dense_impl: str = "reference") -> int:
   config = OPTConfig(hidden_size=H * D, num_attention_heads=H, max_position_embeddings=T,
-                     attention=kind, sea=SEAConfig(K=K, k=TOP_K, sparse_impl="xla"))
+                     attention=kind, sea=SEAConfig(K=K, k=TOP_K, sparse_impl="xla"),
+                     dense_impl=dense_impl)
   core = make_attention_core(config, 0, rngs=nnx.Rngs(0))
   graph, params, rest = nnx.split(core, nnx.Param, ...)
 
@@ -33,7 +35,9 @@ def temp_bytes(kind: str, T: int) -> int:
 
 @pytest.fixture(scope="module")
 def measured():
-  return {(kind, T): temp_bytes(kind, T) for kind in ("sea", "dense") for T in (2048, 8192)}
+  out = {(kind, T): temp_bytes(kind, T) for kind in ("sea", "dense") for T in (2048, 8192)}
+  out.update({("chunked", T): temp_bytes("dense", T, "chunked") for T in (2048, 8192)})
+  return out
 
 
 def test_sea_memory_is_linear_in_length(measured):
@@ -45,3 +49,9 @@ def test_dense_memory_is_quadratic_in_length(measured):
   small, large = measured["dense", 2048], measured["dense", 8192]
   assert large >= 10 * small, f"dense temp bytes: {small} -> {large} ({large / small:.2f}x)"
   assert measured["sea", 8192] < large / 4, "SEA should use far less memory than dense at 8192"
+
+
+def test_chunked_dense_memory_is_linear_in_length(measured):
+  small, large = measured["chunked", 2048], measured["chunked", 8192]
+  assert large < 5 * small, f"chunked dense temp bytes: {small} -> {large} ({large / small:.2f}x)"
+  assert large < measured["dense", 8192] / 4

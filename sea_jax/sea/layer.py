@@ -1,6 +1,9 @@
 """SEA and Performer attention cores behind the seam of `sea_jax.attention`.
 
-Both take OPT's projections q (scaled by d^-1/2), k, v (N,H,T,d) and return (context, aux).
+Both take the model's projections q (N,H,T,d) scaled by d^-1/2 and k, v (N,Hkv,T,d) (after
+RoPE in the Llama family) and return (context (N,H,T,d), aux). Under grouped-query attention
+the Performer branch, the estimator and the causal mean work per query head (each reads its kv
+head; O(T) memory either way), and the sparse attention reads kv head h // G without copies.
 """
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sea_jax.config import ConfigError, OPTConfig
+from sea_jax.attention import AttentionShape, repeat_kv
+from sea_jax.config import ConfigError
 from sea_jax.layers import normal_init, param
 from sea_jax.sea.bins import nonempty_bins
 from sea_jax.sea.estimator import Estimator
@@ -69,10 +73,29 @@ def masked_bin_softmax(est_logits: jax.Array) -> jax.Array:
   return jnp.where(nonempty, probs, 0.0)
 
 
+def position_values(table: jax.Array, T: int, max_positions: int) -> jax.Array:
+  """P's rows for positions 0..T-1: (R, d) -> (T, d).
+
+  R == max_positions: rows 0..T-1 (OPT: one learned row per position). R < max_positions (long
+  context, SEAConfig.position_rows): position s reads the table by linear interpolation at
+  u = s (R - 1) / (max_positions - 1), clamped to the last row beyond max_positions.
+  """
+  R = table.shape[0]
+  if R >= max_positions:
+    return table[:T]
+  u = jnp.arange(T, dtype=jnp.float32) * ((R - 1) / max(max_positions - 1, 1))
+  u = jnp.minimum(u, R - 1)
+  lo = jnp.floor(u).astype(jnp.int32)
+  hi = jnp.minimum(lo + 1, R - 1)
+  w = (u - lo)[:, None].astype(table.dtype)
+  return table[lo] * (1 - w) + table[hi] * w
+
+
 class SEAAttention(nnx.Module):
   """SEA attention core (SEA_SPEC §1.1–1.6).
 
-  Holds the learned position table P (max_positions, d) ~ N(0,1), the fixed random features W,
+  Holds the learned position table P (rows, d) ~ N(0,1) (rows = max_positions, capped by
+  SEAConfig.table_rows; see `position_values`), the fixed random features W,
   and the estimator (encoder, row decoder, causal CNN, gates). `key_mask` is accepted and
   ignored: SEA assumes right padding, where causality already hides pads from real tokens.
   `deterministic` is ignored: the reference's training-only jitter of key ranks (§1.3) is not
@@ -82,12 +105,14 @@ class SEAAttention(nnx.Module):
   def __init__(self, *, num_heads: int, head_dim: int, max_positions: int, K: int = 256,
                k: int = 64, nbf: float = 8.0, performer_chunk: int = 128,
                query_block: int = 128, sparse_impl: str = "xla", dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, position_rows: int | None = None, rngs: nnx.Rngs):
     if K < 4 or K % 4:
       raise ConfigError(f"SEA K must be a positive multiple of 4, got K={K}")
     check_k(k)
-    self.positions = param(rngs, normal_init(1.0), (max_positions, head_dim),
+    rows = max_positions if position_rows is None else min(position_rows, max_positions)
+    self.positions = param(rngs, normal_init(1.0), (rows, head_dim),
                            ("positions", "head_dim"), param_dtype)
+    self.max_positions = max_positions
     self.features = _random_features(rngs, head_dim, nbf)
     self.estimator = Estimator(head_dim, num_heads, K, dtype=dtype, param_dtype=param_dtype,
                                rngs=rngs)
@@ -97,34 +122,36 @@ class SEAAttention(nnx.Module):
     self.dtype = dtype
 
   @classmethod
-  def from_config(cls, config: OPTConfig, *, rngs: nnx.Rngs) -> "SEAAttention":
-    config.sea.validate()
-    sea = config.sea
-    return cls(num_heads=config.num_attention_heads, head_dim=config.head_dim,
-               max_positions=config.max_position_embeddings, K=sea.K, k=sea.k, nbf=sea.nbf,
+  def from_shape(cls, shape: AttentionShape, *, rngs: nnx.Rngs) -> "SEAAttention":
+    sea = shape.sea
+    sea.validate()
+    return cls(num_heads=shape.num_heads, head_dim=shape.head_dim,
+               max_positions=shape.max_positions, K=sea.K, k=sea.k, nbf=sea.nbf,
                performer_chunk=sea.performer_chunk, query_block=sea.query_block,
-               sparse_impl=sea.sparse_impl, dtype=config.compute_dtype,
-               param_dtype=config.params_dtype, rngs=rngs)
+               sparse_impl=sea.sparse_impl, dtype=shape.dtype, param_dtype=shape.param_dtype,
+               position_rows=sea.table_rows(shape.max_positions), rngs=rngs)
 
   def __call__(self, q, k, v, *, key_mask=None, sea_k=None, deterministic=True,
                return_aux=False):
-    """q, k, v (N,H,T,d) -> (C_sea (N,H,T,d) in v.dtype, aux dict)."""
+    """q (N,H,T,d), k, v (N,Hkv,T,d) -> (C_sea (N,H,T,d) in v.dtype, aux dict)."""
     del key_mask, deterministic
     N, H, T, d = q.shape
-    if T > self.positions[...].shape[0]:
+    if T > self.max_positions and self.positions[...].shape[0] >= self.max_positions:
       raise ValueError(f"sequence length {T} exceeds SEA's position table "
                        f"({self.positions[...].shape[0]} rows)")
+    k_heads, v_heads = repeat_kv(k, H), repeat_kv(v, H)  # per query head (O(T) memory)
     keys_per_head = self.k if sea_k is None else sea_k
     check_k(keys_per_head)
 
     with jax.named_scope("sea_performer"):
       W = self.features[...]
       wide = jnp.promote_types(v.dtype, jnp.float32)
-      pos = jnp.broadcast_to(self.positions[...][:T].astype(wide), (N, H, T, d))
-      v_cat = jnp.concatenate([pos, v.astype(wide)], axis=-1)
-      c_perf = causal_linear_attention(relu_features(q, W), relu_features(k, W), v_cat,
+      table = position_values(self.positions[...], T, self.max_positions)
+      pos = jnp.broadcast_to(table.astype(wide), (N, H, T, d))
+      v_cat = jnp.concatenate([pos, v_heads.astype(wide)], axis=-1)
+      c_perf = causal_linear_attention(relu_features(q, W), relu_features(k_heads, W), v_cat,
                                        self.performer_chunk)
-    z_in = jnp.concatenate([c_perf.astype(self.dtype), v.astype(self.dtype)], axis=-1)
+    z_in = jnp.concatenate([c_perf.astype(self.dtype), v_heads.astype(self.dtype)], axis=-1)
     est_logits, s_prob, s_mix = self.estimator(z_in)
     with jax.named_scope("sea_topk"):
       est_probs = masked_bin_softmax(est_logits)
@@ -133,7 +160,8 @@ class SEAAttention(nnx.Module):
       c_sparse = sparse_dispatch(self.sparse_impl, q, k, v, mask, query_block=self.query_block)
       c_sparse = s_prob[..., None] * c_sparse.astype(s_prob.dtype)
     with jax.named_scope("sea_mix"):
-      context = s_mix[..., None] * c_sparse + (1.0 - s_mix[..., None]) * causal_mean(v)
+      mean = repeat_kv(causal_mean(v), H)
+      context = s_mix[..., None] * c_sparse + (1.0 - s_mix[..., None]) * mean
       context = context.astype(v.dtype)
     aux = {}
     if return_aux:
@@ -150,18 +178,21 @@ class PerformerAttention(nnx.Module):
     self.chunk = chunk
 
   @classmethod
-  def from_config(cls, config: OPTConfig, *, rngs: nnx.Rngs) -> "PerformerAttention":
-    config.sea.validate()
-    return cls(head_dim=config.head_dim, nbf=config.sea.nbf, chunk=config.sea.performer_chunk,
+  def from_shape(cls, shape: AttentionShape, *, rngs: nnx.Rngs) -> "PerformerAttention":
+    shape.sea.validate()
+    return cls(head_dim=shape.head_dim, nbf=shape.sea.nbf, chunk=shape.sea.performer_chunk,
                rngs=rngs)
 
   def __call__(self, q, k, v, *, key_mask=None, sea_k=None, deterministic=True,
                return_aux=False):
-    """q, k, v (N,H,T,d) -> (context (N,H,T,d) in v.dtype, aux). key_mask: ignored (right pad)."""
+    """q (N,H,T,d), k, v (N,Hkv,T,d) -> (context (N,H,T,d) in v.dtype, aux).
+    key_mask: ignored (right padding)."""
     del key_mask, sea_k, deterministic
     W = self.features[...]
+    H = q.shape[1]
     with jax.named_scope("performer_attention"):
-      context = causal_linear_attention(relu_features(q, W), relu_features(k, W), v, self.chunk)
+      context = causal_linear_attention(relu_features(q, W), relu_features(repeat_kv(k, H), W),
+                                        repeat_kv(v, H), self.chunk)
       context = context.astype(v.dtype)
     aux = {"q": q, "k": k, "context": context} if return_aux else {}
     return context, aux

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "the checkpoint's, 256)")
   g.add_argument("--sparse-impl", choices=("auto", "xla", "pallas"),
                  help="SEA sparse attention implementation (default auto)")
+  g.add_argument("--dense-impl", choices=("auto", "reference", "chunked", "cudnn"),
+                 help="dense attention (teacher and dense layers): T x T reference, chunked, "
+                      "cuDNN (GPU); default auto")
   g.add_argument("--dropout", type=float, default=0.1,
                  help="dropout in the trained model (default 0.1; the teacher has none)")
   g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -237,16 +240,12 @@ def _tokenizer_vocab(args: argparse.Namespace) -> int | None:
   return -(-len(load_tokenizer(args.tokenizer)) // 64) * 64
 
 
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "ffn_dim", "max_position_embeddings", "word_embed_proj_dim",
-                "do_layer_norm_before", "attention")
-
-
-def essentials(args: argparse.Namespace, config: OPTConfig) -> dict[str, Any]:
-  """The settings a resumed run must share with the run that wrote the checkpoints."""
+def essentials(args: argparse.Namespace, config) -> dict[str, Any]:
+  """The settings a resumed run must share with the run that wrote the checkpoints (the
+  model's shape fields are its family's `shape_fields`)."""
   out = {"mode": args.mode, "seq_len": args.seq_len, "batch_size": args.batch_size,
          "seed": args.seed}
-  out.update({f: getattr(config, f) for f in SHAPE_FIELDS})
+  out.update({f: getattr(config, f) for f in config.shape_fields})
   # The LR schedule, when not the paper's constant one (so runs made before it resume as they were)
   if getattr(args, "lr_schedule", "constant") != "constant":
     out["lr_schedule"] = args.lr_schedule

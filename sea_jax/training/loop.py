@@ -15,7 +15,7 @@ import numpy as np
 from sea_jax import data as data_lib
 from sea_jax import sharding as shd
 from sea_jax.checkpoint import apply_overrides
-from sea_jax.config import ConfigError, OPTConfig
+from sea_jax.config import ConfigError, ModelConfig
 from sea_jax.training import distributed, models, optimizer
 from sea_jax.training.checkpointing import StopFlag, TrainCheckpointer
 from sea_jax.training.cli import (TrainError, batch_layout, check_same_essentials, essentials,
@@ -29,8 +29,8 @@ CONFIG_FILE = "train_config.json"
 @dataclasses.dataclass
 class Plan:
   """Everything resolved from the flags before any weights are read."""
-  student: OPTConfig
-  teacher: OPTConfig | None
+  student: ModelConfig
+  teacher: ModelConfig | None
   init_path: str | None       # weights the student starts from (None: fresh)
   tokenizer_src: str | None
   spec: StepSpec
@@ -44,6 +44,8 @@ def make_plan(args: argparse.Namespace, mesh_shape: dict[str, int]) -> Plan:
                 remat=args.remat, sea_seed=args.seed)
   if args.sparse_impl:
     common["sea_sparse_impl"] = args.sparse_impl
+  dense_impl = {"dense_impl": args.dense_impl} if getattr(args, "dense_impl", None) else {}
+  common.update(dense_impl)
   if args.mode == "distill":
     teacher_src = models.source_config(args.teacher)
     init_path = args.init_from or args.teacher
@@ -51,8 +53,8 @@ def make_plan(args: argparse.Namespace, mesh_shape: dict[str, int]) -> Plan:
     sea = {k: v for k, v in (("sea_K", args.sea_K), ("sea_k", args.sea_k)) if v is not None}
     student = apply_overrides(base, attention=args.attention, **sea, **common)
     teacher = apply_overrides(teacher_src, attention="dense", dtype=args.dtype,
-                                    param_dtype="float32", dropout=0.0, remat=False,
-                                    attention_layers=None)
+                              param_dtype="float32", dropout=0.0, remat=False,
+                              attention_layers=None, **dense_impl)
     if (teacher.hidden_size, teacher.num_hidden_layers, teacher.num_attention_heads,
         teacher.vocab_size) != (student.hidden_size, student.num_hidden_layers,
                                 student.num_attention_heads, student.vocab_size):
@@ -352,11 +354,11 @@ class Runner:
     return 0
 
 
-def _overrides(config: OPTConfig) -> dict:
+def _overrides(config: ModelConfig) -> dict:
   """load_pretrained overrides that rebuild exactly `config` from its source checkpoint."""
   over = dict(attention=config.attention, attention_layers=config.attention_layers,
               dtype=config.dtype, param_dtype=config.param_dtype, dropout=config.dropout,
-              remat=config.remat)
+              remat=config.remat, dense_impl=config.dense_impl)
   over.update({f"sea_{f.name}": getattr(config.sea, f.name)
                for f in dataclasses.fields(config.sea)})
   return over

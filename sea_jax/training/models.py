@@ -15,8 +15,7 @@ from jax.sharding import Mesh
 
 from sea_jax import checkpoint as ckpt
 from sea_jax import sharding as shd
-from sea_jax.config import OPTConfig, load_config
-from sea_jax.opt import OPTForCausalLM
+from sea_jax.config import ModelConfig
 
 
 def merge_dicts(a: dict, b: dict) -> dict:
@@ -28,20 +27,20 @@ def merge_dicts(a: dict, b: dict) -> dict:
 
 
 class ModelBridge:
-  """Graph + abstract state of an `OPTForCausalLM(config)`; nothing allocated.
+  """Graph + abstract state of the model of `config` (any family); nothing allocated.
 
   abstract_params / abstract_rest: pure dicts of ShapeDtypeStructs; shardings(mesh) gives the
   matching NamedSharding trees.
   """
 
-  def __init__(self, config: OPTConfig):
+  def __init__(self, config: ModelConfig):
     self.config = config
-    model = nnx.eval_shape(lambda: OPTForCausalLM(config, rngs=nnx.Rngs(config.sea.seed)))
+    model = nnx.eval_shape(lambda: ckpt.build_model(config, nnx.Rngs(config.sea.seed)))
     self.graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
     self.abstract_params = nnx.to_pure_dict(self._params)
     self.abstract_rest = nnx.to_pure_dict(self._rest)
 
-  def merge(self, params: dict, rest: dict) -> OPTForCausalLM:
+  def merge(self, params: dict, rest: dict) -> nnx.Module:
     """A module whose variables are `params` and `rest` (works on tracers)."""
     p = jax.tree.map(lambda v: v, self._params)  # fresh Variables for this trace
     r = jax.tree.map(lambda v: v, self._rest)
@@ -61,18 +60,15 @@ class ModelBridge:
     return (jax.tree.map(with_sh, self.abstract_params, ps),
             jax.tree.map(with_sh, self.abstract_rest, rs))
 
-  def split(self, model: OPTForCausalLM) -> tuple[dict, dict]:
+  def split(self, model: nnx.Module) -> tuple[dict, dict]:
     """A live model -> (params, rest) pure dicts."""
     _, params, rest = nnx.split(model, nnx.Param, ...)
     return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 
-def source_config(path: str) -> OPTConfig:
-  """The OPTConfig of a sea-jax model folder or a Hugging Face OPT folder (or hub id)."""
-  if ckpt.is_model_folder(path):
-    return load_config(path)
-  from sea_jax import convert
-  return convert.read_hf_config(convert.resolve_source(path))
+def source_config(path: str):
+  """The config of a sea-jax model folder or a Hugging Face folder (or hub id), any family."""
+  return ckpt.source_config(path)
 
 
 def load_weights(path: str, bridge: ModelBridge, mesh: Mesh, overrides: dict) -> tuple[dict, dict]:
@@ -99,7 +95,7 @@ def export_model(folder: str, bridge: ModelBridge, params: dict, rest: dict,
   Every process takes part in the (collective) parameter save; only `is_writer` writes the
   config and tokenizer files.
   """
-  from sea_jax import convert
+  from sea_jax import hf_io
   config = dataclasses.replace(bridge.config, dtype="float32", remat=False)
   if is_writer:
     os.makedirs(folder, exist_ok=True)
@@ -107,7 +103,7 @@ def export_model(folder: str, bridge: ModelBridge, params: dict, rest: dict,
   if is_writer:
     ckpt.write_config(config, folder)
     if tokenizer_src and os.path.isdir(tokenizer_src):
-      convert.copy_tokenizer(tokenizer_src, folder)
+      hf_io.copy_tokenizer(tokenizer_src, folder)
     else:
       from sea_jax.data import load_tokenizer, save_tokenizer
       save_tokenizer(load_tokenizer(None), folder)
