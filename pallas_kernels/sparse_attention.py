@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -144,29 +143,19 @@ def _sparse_core(q, k, v, compressed_mask, backend, block_sizes, interpret):
   return out
 
 
-def _call_backend(fn, *args, block_sizes: BlockSizes, interpret: bool):
-  """fn(*args, block_sizes=..., interpret=...); backends that take block_q/block_k
-  keywords instead of a BlockSizes are called that way."""
-  params = inspect.signature(fn).parameters
-  if "block_sizes" in params:
-    return fn(*args, block_sizes=block_sizes, interpret=interpret)
-  return fn(*args, block_q=block_sizes.block_q, block_k=block_sizes.block_k,
-            interpret=interpret)
-
-
 def _sparse_core_fwd(q, k, v, compressed_mask, backend, block_sizes, interpret):
   impl = _backend_module(backend)
   bm = build_block_map(compressed_mask, block_q=block_sizes.block_q,
                        block_k=block_sizes.block_k)
-  out, lse = _call_backend(impl.forward, q, k, v, compressed_mask, bm,
-                           block_sizes=block_sizes, interpret=interpret)
+  out, lse = impl.forward(q, k, v, compressed_mask, bm, block_sizes=block_sizes,
+                          interpret=interpret)
   return out, (q, k, v, compressed_mask, bm, out, lse)
 
 
 def _sparse_core_bwd(backend, block_sizes, interpret, res, d_out):
   q, k, v, compressed_mask, bm, out, lse = res
   impl = _backend_module(backend)
-  dq, dk, dv = _call_backend(impl.backward, q, k, v, compressed_mask, bm, out, lse, d_out,
+  dq, dk, dv = impl.backward(q, k, v, compressed_mask, bm, out, lse, d_out,
                              block_sizes=block_sizes, interpret=interpret)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 

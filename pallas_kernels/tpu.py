@@ -269,10 +269,11 @@ def _fwd_call(q, k, v, words, qv, qc, *, bq, bk, K, interpret):
   )(qv.reshape(-1), qc.reshape(-1), q, k, v, words)
 
 
-def forward(q, k, v, compressed_mask, block_map, *, block_q, block_k, interpret=False):
+def forward(q, k, v, compressed_mask, block_map, *, block_sizes, interpret=False):
   """q (N, H, T, d), k, v (N, Hkv, T, d), compressed_mask (N, H, T, K), block_map for
-  (block_q, block_k) -> out (N, H, T, d) in q.dtype, lse (N, H, T) fp32 (NEG_INF for empty
-  rows); query head h reads kv head h // (H // Hkv)."""
+  block_sizes (`BlockSizes`: block_q x block_k tiles) -> out (N, H, T, d) in q.dtype, lse
+  (N, H, T) fp32 (NEG_INF for empty rows); query head h reads kv head h // (H // Hkv)."""
+  block_q, block_k = block_sizes.block_q, block_sizes.block_k
   N, H, T, d, nq, nk = _check(q, k, v, compressed_mask, block_map, block_q,
                               block_k, interpret)
   K = compressed_mask.shape[-1]
@@ -439,10 +440,11 @@ def _dkv_call(q, k, v, do, words, lse, delta, kv, kc, *, bq, bk, K, interpret):
   )(kv.reshape(-1), kc.reshape(-1), k, v, q, do, words, lse, delta)
 
 
-def backward(q, k, v, compressed_mask, block_map, out, lse, d_out, *, block_q, block_k,
+def backward(q, k, v, compressed_mask, block_map, out, lse, d_out, *, block_sizes,
              interpret=False):
   """Gradients of forward's out given d_out (N, H, T, d): dq (N, H, T, d), dk, dv (N, Hkv, T, d),
   in the dtypes of q, k, v."""
+  block_q, block_k = block_sizes.block_q, block_sizes.block_k
   N, H, T, d, nq, nk = _check(q, k, v, compressed_mask, block_map, block_q,
                               block_k, interpret)
   K = compressed_mask.shape[-1]

@@ -5,6 +5,7 @@ Fresh random inputs each run; the seed is in every failure message (SEA_TEST_SEE
 """
 import os
 import sys
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -97,8 +98,11 @@ def make_inputs(rng, N, H, T, d, K, dtype):
 def run_kernels(q, k, v, cm, do, bq, bk):
   cmj = jnp.asarray(cm)
   bm = build_block_map(cmj, block_q=bq, block_k=bk)
-  out, lse = tpu.forward(q, k, v, cmj, bm, block_q=bq, block_k=bk, interpret=INTERPRET)
-  grads = tpu.backward(q, k, v, cmj, bm, out, lse, do, block_q=bq, block_k=bk,
+  # the kernels read block_q / block_k off block_sizes (BlockSizes itself asks for >= 16, a
+  # Triton limit; TPU interpret mode runs 8-wide tiles)
+  blocks = types.SimpleNamespace(block_q=bq, block_k=bk)
+  out, lse = tpu.forward(q, k, v, cmj, bm, block_sizes=blocks, interpret=INTERPRET)
+  grads = tpu.backward(q, k, v, cmj, bm, out, lse, do, block_sizes=blocks,
                        interpret=INTERPRET)
   return bm, out, lse, grads
 
@@ -209,8 +213,9 @@ def test_lowers_for_tpu(dtype):
 
   def f(q, k, v, cm):
     bm = build_block_map(cm, block_q=128, block_k=256)
-    out, lse = tpu.forward(q, k, v, cm, bm, block_q=128, block_k=256)
-    return out, lse, tpu.backward(q, k, v, cm, bm, out, lse, out, block_q=128, block_k=256)
+    blocks = types.SimpleNamespace(block_q=128, block_k=256)
+    out, lse = tpu.forward(q, k, v, cm, bm, block_sizes=blocks)
+    return out, lse, tpu.backward(q, k, v, cm, bm, out, lse, out, block_sizes=blocks)
 
   x = jax.ShapeDtypeStruct((N, H, T, d), dtype)
   cm = jax.ShapeDtypeStruct((N, H, T, K), jnp.bool_)
@@ -223,4 +228,4 @@ def test_small_blocks_need_interpret():
   cm = jnp.ones((1, 1, 32, 8), bool)
   bm = build_block_map(cm, block_q=16, block_k=16)
   with pytest.raises(ValueError, match="multiple of 128"):
-    tpu.forward(q, q, q, cm, bm, block_q=16, block_k=16, interpret=False)
+    tpu.forward(q, q, q, cm, bm, block_sizes=types.SimpleNamespace(block_q=16, block_k=16), interpret=False)

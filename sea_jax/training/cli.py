@@ -6,14 +6,10 @@ Bad input is a `TrainError` (one line, no traceback, exit code 2).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import math
 import os
-from typing import Any
 
-from sea_jax.config import OPTConfig
-from sea_jax.errors import UserError, add_debug_flag
+from sea_jax.errors import add_debug_flag
+from sea_jax.training.settings import TrainError, config_file
 
 EPILOG = """\
 exit codes: 0 done (OUT/final written); 1 non-finite loss (nothing saved past the last good
@@ -24,10 +20,6 @@ multi-host: run the same command on every host with --coordinator HOST:PORT --nu
 --process-id I (on a Cloud TPU pod no flags are needed: jax.distributed is started from the
 TPU environment). Every host reads only its rows of each batch.
 """
-
-
-class TrainError(UserError, ValueError):
-  """Bad flags or inputs; printed as one line."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +154,7 @@ def check_flags(args: argparse.Namespace) -> None:
     if not (args.init_from or args.init_config or any(v is not None for v in shape_flags)):
       raise TrainError("--mode pretrain needs --init-from, --init-config or the shape flags "
                        "--layers --d-model --heads [--ffn --max-positions]")
-    if args.init_config and not _config_file(args.init_config):
+    if args.init_config and not config_file(args.init_config):
       raise TrainError(f"--init-config not found: {args.init_config}")
   if args.init_from:
     _check_source(args.init_from, "init-from")
@@ -198,89 +190,7 @@ def _check_source(path: str, what: str) -> None:
   if looks_local and not os.path.isdir(path):
     raise TrainError(f"--{what} not found: {path} is not a model folder")
   if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-    raise TrainError(f"--{what} {path} has no config.json: not an OPT checkpoint folder")
-
-
-def _config_file(path: str) -> str | None:
-  if os.path.isdir(path):
-    path = os.path.join(path, "config.json")
-  return path if os.path.isfile(path) else None
-
-
-def scratch_config(args: argparse.Namespace) -> OPTConfig:
-  """The dense config of a from-scratch pretrain run (--init-config and/or shape flags)."""
-  if args.init_config:
-    with open(_config_file(args.init_config)) as f:
-      try:
-        hf = json.load(f)
-      except json.JSONDecodeError as e:
-        raise TrainError(f"--init-config is not valid JSON: {e}") from None
-    hf.setdefault("model_type", "opt")
-    base = OPTConfig.from_hf_dict(hf)
-  else:
-    base = OPTConfig()
-    if args.d_model is None or args.layers is None or args.heads is None:
-      raise TrainError("pretraining from scratch without --init-config needs --layers, "
-                       "--d-model and --heads")
-  d = args.d_model or base.hidden_size
-  fields = dict(hidden_size=d, word_embed_proj_dim=d if args.d_model else base.word_embed_proj_dim,
-                num_hidden_layers=args.layers or base.num_hidden_layers,
-                num_attention_heads=args.heads or base.num_attention_heads,
-                ffn_dim=args.ffn or (4 * d if args.d_model else base.ffn_dim),
-                max_position_embeddings=args.max_positions or base.max_position_embeddings,
-                vocab_size=args.vocab_size or _tokenizer_vocab(args) or base.vocab_size)
-  return dataclasses.replace(base, **fields)
-
-
-def _tokenizer_vocab(args: argparse.Namespace) -> int | None:
-  """--tokenizer's size rounded up to a multiple of 64 (None without --tokenizer)."""
-  if getattr(args, "tokenizer", None) is None:
-    return None
-  from sea_jax.data import load_tokenizer
-  return -(-len(load_tokenizer(args.tokenizer)) // 64) * 64
-
-
-def essentials(args: argparse.Namespace, config) -> dict[str, Any]:
-  """The settings a resumed run must share with the run that wrote the checkpoints (the
-  model's shape fields are its family's `shape_fields`)."""
-  out = {"mode": args.mode, "seq_len": args.seq_len, "batch_size": args.batch_size,
-         "seed": args.seed}
-  out.update({f: getattr(config, f) for f in config.shape_fields})
-  # The LR schedule, when not the paper's constant one (so runs made before it resume as they were)
-  if getattr(args, "lr_schedule", "constant") != "constant":
-    out["lr_schedule"] = args.lr_schedule
-  if getattr(args, "warmup_steps", 0):
-    out["warmup_steps"] = args.warmup_steps
-  if config.attention == "sea":
-    out["sea_K"] = config.sea.K
-    out["sea_nbf"] = config.sea.nbf
-    if getattr(args, "sea_k_range", None) is not None:
-      out["sea_k_train"] = list(args.sea_k_range)
-  return out
-
-
-def check_same_essentials(saved: dict, current: dict, where: str) -> None:
-  diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-           if saved.get(k) != current.get(k)]
-  if diffs:
-    raise TrainError(f"cannot resume from {where}: it was written with different settings "
-                     f"({'; '.join(diffs)}); use the same flags or another --out")
-
-
-def batch_layout(args: argparse.Namespace, mesh_shape: dict[str, int]) -> int:
-  """Checks batch/micro-batch against the data x fsdp size; returns the micro batch."""
-  shards = math.prod(mesh_shape[a] for a in ("data", "fsdp"))
-  micro = args.micro_batch_size or args.batch_size
-  if args.batch_size % shards:
-    raise TrainError(f"--batch-size {args.batch_size} is not divisible by the data x fsdp "
-                     f"size {shards} of the mesh")
-  if args.batch_size % micro:
-    raise TrainError(f"--batch-size {args.batch_size} is not divisible by "
-                     f"--micro-batch-size {micro}")
-  if micro % shards:
-    raise TrainError(f"--micro-batch-size {micro} is not divisible by the data x fsdp size "
-                     f"{shards} of the mesh (each accumulation step spreads over every device)")
-  return micro
+    raise TrainError(f"--{what} {path} has no config.json: not a model folder")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,8 @@ from sea_jax.checkpoint import apply_overrides
 from sea_jax.config import ConfigError, ModelConfig
 from sea_jax.training import distributed, models, optimizer
 from sea_jax.training.checkpointing import StopFlag, TrainCheckpointer
-from sea_jax.training.cli import (TrainError, batch_layout, check_same_essentials, essentials,
-                                  scratch_config)
+from sea_jax.training.settings import (TrainError, batch_layout, check_same_essentials,
+                                       essentials, scratch_config)
 from sea_jax.training.metrics import MetricsLog, check_finite
 from sea_jax.training.step import StepSpec, base_rng, build_train_step, init_opt_state
 
