@@ -261,3 +261,21 @@ def test_gptq_protocol_prepends_the_tokenizers_own_bos(tmp_path):
            for w in windows]
   want = math.exp(np.mean(nll))
   assert abs(line["perplexity"] - want) / want <= 1e-4
+
+
+def test_pretrain_a_llama_from_scratch_with_init_config(tmp_path):
+  """--mode pretrain --init-config takes a Llama config.json; the shape flags resize it."""
+  import train_support as ts
+  hf = LlamaConfig(vocab_size=50272, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                   max_position_embeddings=128).to_hf_dict()
+  hf.pop("sea_jax")
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  text = tmp_path / "text.txt"
+  text.write_text(open(REPO / "README.md").read())
+  ts.run_train(["--mode", "pretrain", "--init-config", tmp_path / "config.json", "--layers", 1,
+                "--train-text", text, "--out", tmp_path / "run", "--steps", 2, "--seq-len", 32,
+                "--batch-size", 1])
+  cfg = json.load(open(tmp_path / "run" / "final" / "config.json"))
+  assert cfg["model_type"] == "llama" and cfg["num_hidden_layers"] == 1
+  assert cfg["num_key_value_heads"] == 2
