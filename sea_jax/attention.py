@@ -14,11 +14,15 @@ returns the per-head context:
 distillation losses need; "k" keeps its Hkv heads) and, for SEA, the estimator outputs
 (SEA_SPEC §1.7). Cores are built from the family-neutral `AttentionShape` and the SEA settings,
 never from a family's config; implementations register themselves in `ATTENTION_CORES` by name.
+
+Generation (`sea_jax.generate`) keeps a dense KV cache: `KVCache` holds every layer's k, v at
+preallocated slots, and `cached_attention` writes a layer's new k, v into its slots and attends
+the new queries to every written slot (dense cores only).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,25 +75,28 @@ def causal_key_mask(T: int, key_mask: jax.Array | None, q_offset: int = 0,
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                    key_mask: jax.Array | None = None) -> jax.Array:
-  """Causal softmax attention with an fp32 softmax: q (N,H,T,d), k/v (N,Hkv,T,d) -> (N,H,T,d).
+                    key_mask: jax.Array | None = None, q_offset=0) -> jax.Array:
+  """Causal softmax attention with an fp32 softmax: q (N,H,T,d), k/v (N,Hkv,S,d) -> (N,H,T,d).
 
+  Query i sits at key slot q_offset + i and sees slots s <= q_offset + i (self-attention: S = T,
+  offset 0; a KV cache: S slots, the offset the first new slot, maybe traced); key_mask (N, S).
   Grouped-query attention reads each kv head for its G = H / Hkv query heads without copying it.
   """
   N, H, T, d = q.shape
+  S = k.shape[2]
   G = H // k.shape[1]
   if G == 1:
     scores = jnp.einsum("nhtd,nhsd->nhts", q, k, preferred_element_type=jnp.float32)
   else:
     scores = jnp.einsum("nhgtd,nhsd->nhgts", q.reshape(N, H // G, G, T, d), k,
-                        preferred_element_type=jnp.float32).reshape(N, H, T, T)
-  mask = causal_key_mask(T, key_mask)
+                        preferred_element_type=jnp.float32).reshape(N, H, T, S)
+  mask = causal_key_mask(S, key_mask, q_offset, rows=T)
   scores = jnp.where(mask, scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1)
   probs = jnp.where(mask, probs, 0.0)  # fully masked rows (padding queries) give zeros
   if G == 1:
     return jnp.einsum("nhts,nhsd->nhtd", probs.astype(v.dtype), v)
-  out = jnp.einsum("nhgts,nhsd->nhgtd", probs.astype(v.dtype).reshape(N, H // G, G, T, T), v)
+  out = jnp.einsum("nhgts,nhsd->nhgtd", probs.astype(v.dtype).reshape(N, H // G, G, T, S), v)
   return out.reshape(N, H, T, v.shape[-1])
 
 
@@ -97,14 +104,17 @@ CHUNKED_FROM = 2048  # "auto" on CPU/TPU: the T x T reference up to here, chunke
 
 
 def dense_attention_chunked(q: jax.Array, k: jax.Array, v: jax.Array,
-                            key_mask: jax.Array | None = None, *, block: int = 256) -> jax.Array:
+                            key_mask: jax.Array | None = None, *, block: int = 256,
+                            q_offset=0) -> jax.Array:
   """`dense_attention` one query block at a time: the same fp32 softmax, never T x T.
 
-  q (N,H,T,d), k/v (N,Hkv,T,d) -> (N,H,T,d). Each block of `block` query rows scores all T
-  keys (O(block * T) memory per head); the block body is rematerialised under `lax.scan`, so
-  the backward also holds one block's scores at a time.
+  q (N,H,T,d), k/v (N,Hkv,S,d) -> (N,H,T,d) (S = T and q_offset 0 but for a KV cache, as in
+  `dense_attention`). Each block of `block` query rows scores all S keys (O(block * S) memory
+  per head); the block body is rematerialised under `lax.scan`, so the backward also holds one
+  block's scores at a time.
   """
   N, H, T, d = q.shape
+  S = k.shape[2]
   Hkv = k.shape[1]
   G = H // Hkv
   B = max(1, min(block, T))
@@ -116,7 +126,8 @@ def dense_attention_chunked(q: jax.Array, k: jax.Array, v: jax.Array,
   @jax.checkpoint
   def one_block(q_blk, start):
     scores = jnp.einsum("nhgbd,nhsd->nhgbs", q_blk, k, preferred_element_type=jnp.float32)
-    mask = causal_key_mask(T, key_mask, q_offset=start, rows=B)[:, :, None]  # (N|1,1,1,B,T)
+    mask = causal_key_mask(S, key_mask, q_offset=q_offset + start, rows=B)
+    mask = mask[:, :, None]  # (N|1,1,1,B,S)
     scores = jnp.where(mask, scores, NEG_INF)
     probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
     return jnp.einsum("nhgbs,nhsd->nhgbd", probs.astype(v.dtype), v)
@@ -173,6 +184,100 @@ class DenseAttention(nnx.Module):
         raise ConfigError(f"unknown dense_impl {impl!r}; choose from {DENSE_IMPLS}")
     aux = {"q": q, "k": k, "context": context} if return_aux else {}
     return context, aux
+
+
+class LayerKV(NamedTuple):
+  """One layer's view of a `KVCache` during a call: k, v (N, Hkv, L, d), key_mask (N, L) with
+  the new tokens' bits already written, start () int32, the slot of the first new token."""
+  k: jax.Array
+  v: jax.Array
+  key_mask: jax.Array
+  start: jax.Array
+
+
+@dataclasses.dataclass
+class KVCache:
+  """A decoder's dense attention state for generation (a pytree; every shape static).
+
+  k, v: one (N, Hkv, L, d) array per layer, L preallocated slots in the compute dtype;
+  key_mask (N, L) bool, True at slots that hold a real token (left padding and slots not yet
+  written are False); length () int32, the slots written so far (the next T tokens of a call
+  go to slots length .. length + T - 1, the same for every row).
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  key_mask: jax.Array
+  length: jax.Array
+
+  @classmethod
+  def zeros(cls, config, batch: int, max_len: int) -> "KVCache":
+    """An empty cache of `max_len` slots for `config`'s model (any family)."""
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+    layers = range(config.num_hidden_layers)
+    return cls(k=tuple(jnp.zeros(shape, config.compute_dtype) for _ in layers),
+               v=tuple(jnp.zeros(shape, config.compute_dtype) for _ in layers),
+               key_mask=jnp.zeros((batch, max_len), bool), length=jnp.zeros((), jnp.int32))
+
+  def extend_mask(self, attention_mask: jax.Array | None, T: int) -> jax.Array:
+    """(N, L) key mask with the T new tokens' attention_mask (N, T) (None = all real) written at
+    slots length .. length + T - 1."""
+    N = self.key_mask.shape[0]
+    new = jnp.ones((N, T), bool) if attention_mask is None else attention_mask.astype(bool)
+    return jax.lax.dynamic_update_slice(self.key_mask, new, (0, self.length))
+
+  def positions(self, key_mask: jax.Array, T: int) -> jax.Array:
+    """(N, T) int32 positions of the new tokens by Hugging Face's generate rule: a real token's
+    position is the count of real tokens before it (cumsum(mask) - 1); padding gets 0."""
+    m = key_mask.astype(jnp.int32)
+    full = jnp.where(key_mask, jnp.cumsum(m, axis=1) - 1, 0)
+    return jax.lax.dynamic_slice_in_dim(full, self.length, T, axis=1)
+
+  def run(self, layers, h: jax.Array, key_mask: jax.Array,
+          call: Callable[..., tuple]) -> tuple[jax.Array, "KVCache"]:
+    """h (N,T,D) through every layer with its slice of the cache -> (h, the cache after these
+    T tokens); call(layer, h, LayerKV) -> (h, aux, updated LayerKV); key_mask from
+    `extend_mask`."""
+    updated = []
+    for i, layer in enumerate(layers):
+      with jax.named_scope(f"layer_{i}"):
+        h, _, layer_kv = call(layer, h, LayerKV(self.k[i], self.v[i], key_mask, self.length))
+      updated.append(layer_kv)
+    return h, KVCache(k=tuple(c.k for c in updated), v=tuple(c.v for c in updated),
+                      key_mask=key_mask, length=self.length + h.shape[1])
+
+  @staticmethod
+  def check_call(dropout_rng, output_hidden_states: bool, return_attn_aux: bool) -> None:
+    """A model call with a cache is inference only."""
+    if dropout_rng is not None or output_hidden_states or return_attn_aux:
+      raise ConfigError("a call with a KV cache takes no dropout_rng, output_hidden_states or "
+                        "return_attn_aux")
+
+
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "key_mask", "length"],
+                                 meta_fields=[])
+
+
+def cached_attention(core: nnx.Module, q: jax.Array, k: jax.Array, v: jax.Array,
+                     cache: LayerKV) -> tuple[jax.Array, LayerKV]:
+  """Writes the new k, v (N,Hkv,T,d) into the cache at slot cache.start and attends q (N,H,T,d)
+  to every visible slot (s <= its own, cache.key_mask) -> (context (N,H,T,d), updated LayerKV).
+
+  Dense cores only; SEA and Performer generate by the full forward (`sea_jax.generate`).
+  """
+  if not isinstance(core, DenseAttention):
+    raise ConfigError(f"a KV cache needs dense attention, not {type(core).__name__}; SEA and "
+                      "Performer models generate by the full forward")
+  at = (0, 0, cache.start, 0)
+  k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at)
+  v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)
+  T, L = q.shape[2], k_all.shape[2]
+  chunked = resolve_dense_impl(core.impl, L, q.dtype) != "reference"  # long caches, cuDNN
+  with jax.named_scope("cached_attention"):
+    if chunked and T > 1:  # a long prompt's prefill: one query block at a time
+      context = dense_attention_chunked(q, k_all, v_all, cache.key_mask, q_offset=cache.start)
+    else:
+      context = dense_attention(q, k_all, v_all, cache.key_mask, q_offset=cache.start)
+  return context, cache._replace(k=k_all, v=v_all)
 
 
 def _sea_core(shape: AttentionShape, *, rngs: nnx.Rngs) -> nnx.Module:

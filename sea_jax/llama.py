@@ -2,10 +2,11 @@
 
 RMSNorm before attention and MLP, RoPE on q and k (half-split layout), grouped-query attention
 (num_key_value_heads), SwiGLU MLP, final RMSNorm, LM head tied or untied. Positions are
-0..T-1 for every row, as Hugging Face's forward uses without explicit position_ids. The
-attention core of each layer comes from the seam in `sea_jax.attention` (dense, SEA,
-Performer) and receives q and k after RoPE: the estimator learns to predict the teacher's
-attention, which is a function of the rotated q and k.
+0..T-1 for every row, as Hugging Face's forward uses without explicit position_ids; pass
+`position_ids` for left-padded rows as Hugging Face's generate does (a call with a `KVCache`
+follows that rule over the cache's key mask). The attention core of each layer comes from the
+seam in `sea_jax.attention` (dense, SEA, Performer) and receives q and k after RoPE: the
+estimator learns to predict the teacher's attention, which is a function of the rotated q and k.
 
 Shapes: N batch, T sequence, D hidden_size, V vocab, H query heads, Hkv kv heads, d head dim,
 F intermediate_size.
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sea_jax.attention import make_attention_core
+from sea_jax.attention import KVCache, cached_attention, make_attention_core
 from sea_jax.config import LlamaConfig
 from sea_jax.decoder import CausalLMOutput, dropout, lm_logits, run_layers
 from sea_jax.layers import Linear, RMSNorm, normal_init, param
@@ -38,15 +39,22 @@ class LlamaAttention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, d
 
   def __call__(self, x, cos, sin, *, key_mask=None, sea_k=None, deterministic=True,
-               return_aux=False):
+               return_aux=False, cache=None):
+    """-> (out, aux); with a `LayerKV` cache (generation) -> (out, {}, updated LayerKV)."""
     N, T, _ = x.shape
     split = lambda y, h: y.reshape(N, T, h, self.head_dim).transpose(0, 2, 1, 3)  # noqa: E731
     q = apply_rope(split(self.q_proj(x), self.num_heads), cos, sin) * self.head_dim**-0.5
     k = apply_rope(split(self.k_proj(x), self.num_kv_heads), cos, sin)
     v = split(self.v_proj(x), self.num_kv_heads)
-    context, aux = self.core(q.astype(x.dtype), k, v, key_mask=key_mask, sea_k=sea_k,
-                             deterministic=deterministic, return_aux=return_aux)
+    if cache is not None:
+      context, cache = cached_attention(self.core, q.astype(x.dtype), k, v, cache)
+      aux = {}
+    else:
+      context, aux = self.core(q.astype(x.dtype), k, v, key_mask=key_mask, sea_k=sea_k,
+                               deterministic=deterministic, return_aux=return_aux)
     context = context.transpose(0, 2, 1, 3).reshape(N, T, self.num_heads * self.head_dim)
+    if cache is not None:
+      return self.o_proj(context), aux, cache
     return self.o_proj(context), aux
 
 
@@ -78,13 +86,15 @@ class LlamaDecoderLayer(nnx.Module):
     self.dropout = config.dropout
 
   def __call__(self, h, cos, sin, *, key_mask=None, sea_k=None, dropout_rng=None,
-               return_aux=False):
+               return_aux=False, cache=None):
+    """-> (h, aux); with a `LayerKV` cache -> (h, aux, updated LayerKV)."""
     k_attn, k_mlp = jax.random.split(dropout_rng) if dropout_rng is not None else (None, None)
-    x, aux = self.self_attn(self.input_layernorm(h), cos, sin, key_mask=key_mask, sea_k=sea_k,
-                            deterministic=dropout_rng is None, return_aux=return_aux)
+    x, aux, *cached = self.self_attn(self.input_layernorm(h), cos, sin, key_mask=key_mask,
+                                     sea_k=sea_k, deterministic=dropout_rng is None,
+                                     return_aux=return_aux, cache=cache)
     h = h + dropout(x, self.dropout, k_attn)
     h = h + dropout(self.mlp(self.post_attention_layernorm(h)), self.dropout, k_mlp)
-    return h, aux
+    return (h, aux, *cached)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -105,18 +115,33 @@ class LlamaForCausalLM(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                sea_k: int | None = None, dropout_rng: jax.Array | None = None,
-               output_hidden_states: bool = False, return_attn_aux: bool = False
-               ) -> CausalLMOutput:
+               output_hidden_states: bool = False, return_attn_aux: bool = False,
+               position_ids: jax.Array | None = None, cache: KVCache | None = None
+               ) -> CausalLMOutput | tuple[CausalLMOutput, KVCache]:
     """input_ids (N,T) int; attention_mask (N,T), 1 for real tokens (None = all real).
 
     dropout_rng: a PRNG key turns dropout on (training); None is deterministic.
     sea_k: SEA's keys per query per head for this call (None = the config's k).
+    position_ids: (N,T) int RoPE positions (None = 0..T-1 for every row, or with a cache the
+      cache's rule); Hugging Face's generate passes cumsum(mask) - 1, 0 at padding.
+    cache: a `KVCache` (generation, dense attention): input_ids are the T tokens after its
+      written slots, positions by default follow its key mask (`KVCache.positions`) and the
+      call returns (output, updated cache).
     """
     cfg = self.config
     N, T = input_ids.shape
     dt = cfg.compute_dtype
-    key_mask = None if attention_mask is None else attention_mask.astype(bool)
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (N, T))
+    if cache is not None:
+      KVCache.check_call(dropout_rng, output_hidden_states, return_attn_aux)
+      key_mask = cache.extend_mask(attention_mask, T)  # (N, L): every slot of the cache
+    else:
+      key_mask = None if attention_mask is None else attention_mask.astype(bool)
+    if position_ids is not None:
+      positions = position_ids.astype(jnp.int32)
+    elif cache is not None:
+      positions = cache.positions(key_mask, T)
+    else:
+      positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (N, T))
     inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
     cos, sin = rope_tables(positions, inv_freq, dt)
     with jax.named_scope("embed"):
@@ -126,14 +151,20 @@ class LlamaForCausalLM(nnx.Module):
       return layer(h, cos, sin, key_mask=key_mask, sea_k=sea_k, dropout_rng=key,
                    return_aux=return_attn_aux)
 
-    h, hidden, auxes = run_layers(self.layers, h, remat=cfg.remat, dropout_rng=dropout_rng,
-                                  output_hidden_states=output_hidden_states, call=call)
+    if cache is not None:
+      h, cache = cache.run(self.layers, h, key_mask,
+                           lambda layer, h, c: layer(h, cos, sin, cache=c))
+      hidden, auxes = [], []
+    else:
+      h, hidden, auxes = run_layers(self.layers, h, remat=cfg.remat, dropout_rng=dropout_rng,
+                                    output_hidden_states=output_hidden_states, call=call)
     with jax.named_scope("head"):
       h = self.norm(h)
       if output_hidden_states:
         hidden.append(h)
       table = self.embed_tokens if self.lm_head is None else self.lm_head
       logits = lm_logits(h, table[...], dt)
-    return CausalLMOutput(logits=logits,
-                          hidden_states=tuple(hidden) if output_hidden_states else None,
-                          attn_aux=tuple(auxes) if return_attn_aux else None)
+    out = CausalLMOutput(logits=logits,
+                         hidden_states=tuple(hidden) if output_hidden_states else None,
+                         attn_aux=tuple(auxes) if return_attn_aux else None)
+    return out if cache is None else (out, cache)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sea_jax.attention import make_attention_core
+from sea_jax.attention import KVCache, cached_attention, make_attention_core
 from sea_jax.config import ConfigError, OPTConfig
 from sea_jax.decoder import CausalLMOutput, dropout as _dropout, lm_logits, run_layers
 from sea_jax.layers import LayerNorm, Linear, normal_init, param
@@ -38,15 +38,23 @@ class OPTAttention(nnx.Module):
     self.num_heads = config.num_attention_heads
     self.head_dim = config.head_dim
 
-  def __call__(self, x, *, key_mask=None, sea_k=None, deterministic=True, return_aux=False):
+  def __call__(self, x, *, key_mask=None, sea_k=None, deterministic=True, return_aux=False,
+               cache=None):
+    """-> (out, aux); with a `LayerKV` cache (generation) -> (out, {}, updated LayerKV)."""
     N, T, _ = x.shape
     split = lambda y: y.reshape(N, T, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
     q = split(self.q_proj(x) * self.head_dim**-0.5)
     k = split(self.k_proj(x))
     v = split(self.v_proj(x))
-    context, aux = self.core(q, k, v, key_mask=key_mask, sea_k=sea_k,
-                             deterministic=deterministic, return_aux=return_aux)
+    if cache is not None:
+      context, cache = cached_attention(self.core, q, k, v, cache)
+      aux = {}
+    else:
+      context, aux = self.core(q, k, v, key_mask=key_mask, sea_k=sea_k,
+                               deterministic=deterministic, return_aux=return_aux)
     context = context.transpose(0, 2, 1, 3).reshape(N, T, self.num_heads * self.head_dim)
+    if cache is not None:
+      return self.out_proj(context), aux, cache
     return self.out_proj(context), aux
 
 
@@ -67,12 +75,14 @@ class OPTDecoderLayer(nnx.Module):
     self.pre_ln = config.do_layer_norm_before
     self.dropout = config.dropout
 
-  def __call__(self, h, *, key_mask=None, sea_k=None, dropout_rng=None, return_aux=False):
+  def __call__(self, h, *, key_mask=None, sea_k=None, dropout_rng=None, return_aux=False,
+               cache=None):
+    """-> (h, aux); with a `LayerKV` cache -> (h, aux, updated LayerKV)."""
     k_attn, k_ffn = jax.random.split(dropout_rng) if dropout_rng is not None else (None, None)
     residual = h
     x = self.self_attn_layer_norm(h) if self.pre_ln else h
-    x, aux = self.self_attn(x, key_mask=key_mask, sea_k=sea_k,
-                            deterministic=dropout_rng is None, return_aux=return_aux)
+    x, aux, *cached = self.self_attn(x, key_mask=key_mask, sea_k=sea_k, cache=cache,
+                                     deterministic=dropout_rng is None, return_aux=return_aux)
     h = residual + _dropout(x, self.dropout, k_attn)
     if not self.pre_ln:
       h = self.self_attn_layer_norm(h)
@@ -82,7 +92,7 @@ class OPTDecoderLayer(nnx.Module):
     h = residual + _dropout(x, self.dropout, k_ffn)
     if not self.pre_ln:
       h = self.final_layer_norm(h)
-    return h, aux
+    return (h, aux, *cached)
 
 
 class OPTForCausalLM(nnx.Module):
@@ -111,11 +121,15 @@ class OPTForCausalLM(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                sea_k: int | None = None, dropout_rng: jax.Array | None = None,
-               output_hidden_states: bool = False, return_attn_aux: bool = False) -> OPTOutput:
+               output_hidden_states: bool = False, return_attn_aux: bool = False,
+               cache: KVCache | None = None) -> OPTOutput | tuple[OPTOutput, KVCache]:
     """input_ids (N,T) int; attention_mask (N,T), 1 for real tokens (None = all real).
 
     dropout_rng: a PRNG key turns dropout on (training); None is deterministic.
     sea_k: SEA's keys per query per head for this call (None = the config's k).
+    cache: a `KVCache` (generation, dense attention): input_ids are the T tokens after its
+      written slots, positions follow its key mask (`KVCache.positions`, which agrees with
+      OPT's rule on real tokens) and the call returns (output, updated cache).
     """
     cfg = self.config
     N, T = input_ids.shape
@@ -123,7 +137,11 @@ class OPTForCausalLM(nnx.Module):
       raise ConfigError(f"sequence length {T} exceeds the model's max_position_embeddings "
                         f"{cfg.max_position_embeddings}")
     dt = cfg.compute_dtype
-    if attention_mask is None:
+    if cache is not None:
+      KVCache.check_call(dropout_rng, output_hidden_states, return_attn_aux)
+      key_mask = cache.extend_mask(attention_mask, T)  # (N, L): every slot of the cache
+      positions = cache.positions(key_mask, T)
+    elif attention_mask is None:
       key_mask = None
       positions = jnp.broadcast_to(jnp.arange(T), (N, T))
     else:
@@ -139,8 +157,12 @@ class OPTForCausalLM(nnx.Module):
     def call(layer, h, key):
       return layer(h, key_mask=key_mask, sea_k=sea_k, dropout_rng=key, return_aux=return_attn_aux)
 
-    h, hidden, auxes = run_layers(self.layers, h, remat=cfg.remat, dropout_rng=dropout_rng,
-                                  output_hidden_states=output_hidden_states, call=call)
+    if cache is not None:
+      h, cache = cache.run(self.layers, h, key_mask, lambda layer, h, c: layer(h, cache=c))
+      hidden, auxes = [], []
+    else:
+      h, hidden, auxes = run_layers(self.layers, h, remat=cfg.remat, dropout_rng=dropout_rng,
+                                    output_hidden_states=output_hidden_states, call=call)
 
     with jax.named_scope("head"):
       if self.final_layer_norm is not None:
@@ -150,6 +172,7 @@ class OPTForCausalLM(nnx.Module):
       if output_hidden_states:
         hidden.append(h)
       logits = lm_logits(h, self.embed_tokens[...], dt)
-    return OPTOutput(logits=logits,
-                     hidden_states=tuple(hidden) if output_hidden_states else None,
-                     attn_aux=tuple(auxes) if return_attn_aux else None)
+    out = OPTOutput(logits=logits,
+                    hidden_states=tuple(hidden) if output_hidden_states else None,
+                    attn_aux=tuple(auxes) if return_attn_aux else None)
+    return out if cache is None else (out, cache)
