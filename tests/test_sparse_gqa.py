@@ -333,8 +333,9 @@ def test_tpu_kernels_interpret(G, smem_words, monkeypatch):
   N, T, d, K, B = 1, 32, 64, 8, 16
   q, k, v, cm, w = make_inputs(rng, N, G, T, d, K, "random")
   bm = build_block_map(cm, block_q=B, block_k=B)
-  out, lse = tpu_lib.forward(q, k, v, cm, bm, block_q=B, block_k=B, interpret=TPU_INTERPRET)
-  grads = tpu_lib.backward(q, k, v, cm, bm, out, lse, w, block_q=B, block_k=B,
+  blocks = BlockSizes(block_q=B, block_k=B)
+  out, lse = tpu_lib.forward(q, k, v, cm, bm, block_sizes=blocks, interpret=TPU_INTERPRET)
+  grads = tpu_lib.backward(q, k, v, cm, bm, out, lse, w, block_sizes=blocks,
                            interpret=TPU_INTERPRET)
   msg = f"seed={seed} G={G} smem_words={smem_words}"
   assert out.shape == q.shape and lse.shape == (N, H, T), msg
@@ -369,9 +370,9 @@ def test_tpu_kernels_lower_with_gqa():
 
   def f(q, k, v, cm):
     bm = build_block_map(cm, block_q=128, block_k=256)
-    out, lse = tpu_lib.forward(q, k, v, cm, bm, block_q=128, block_k=256)
-    return out, lse, tpu_lib.backward(q, k, v, cm, bm, out, lse, out, block_q=128,
-                                      block_k=256)
+    blocks = BlockSizes(block_q=128, block_k=256)
+    out, lse = tpu_lib.forward(q, k, v, cm, bm, block_sizes=blocks)
+    return out, lse, tpu_lib.backward(q, k, v, cm, bm, out, lse, out, block_sizes=blocks)
 
   x = jax.ShapeDtypeStruct((N, H, T, d), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((N, 1, T, d), jnp.bfloat16)
