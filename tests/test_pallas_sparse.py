@@ -6,6 +6,8 @@ on CPU. Fresh random inputs every run; the seed is in every failure message.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -17,9 +19,13 @@ from pallas_kernels import gpu as gpu_lib
 from pallas_kernels import BlockSizes, build_block_map, sparse_attention
 from pallas_kernels.sparse_attention import resolve_backend
 
-SEED = int(np.random.SeedSequence().entropy % 2**31)
+SEED = int(os.environ.get("SEA_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
 print(f"test_pallas_sparse seed: {SEED}")
-TOL = {np.dtype(np.float32): (1e-5, 1e-4), jnp.dtype(jnp.bfloat16): (1e-2, 1e-2)}
+# (forward, gradient) relative tolerances. bf16 gradients: P and dS are rounded to bf16
+# (2^-8 relative) before the dq/dk/dv matmuls, as in flash attention, and dS = P (dP - delta)
+# cancels, so 1e-2 held for most seeds only (seed 1469292953 gives dk 1.17e-2, the same
+# bits before and after the GQA change); 2e-2 is what the XLA comparison below uses.
+TOL = {np.dtype(np.float32): (1e-5, 1e-4), jnp.dtype(jnp.bfloat16): (1e-2, 2e-2)}
 
 
 def _rng(*salt) -> np.random.Generator:
