@@ -223,11 +223,14 @@ def test_tpu_backend_missing_is_clear(monkeypatch):
     sparse_attention(q, q, q, jnp.ones((1, 1, 19, 4), bool), backend="tpu", interpret=True)
 
 
-@pytest.mark.parametrize("dtype,d", [(np.float32, 80), (jnp.bfloat16, 64)])
-def test_triton_lowering_without_gpu(dtype, d):
-  """Forward + dq + dk/dv lower to Triton IR (cross-platform lowering; no GPU needed)."""
-  q = jax.ShapeDtypeStruct((1, 2, 100, d), dtype)
-  cm = jax.ShapeDtypeStruct((1, 2, 100, 16), jnp.bool_)
+@pytest.mark.parametrize("dtype,d,H,Hkv", [(np.float32, 80, 2, 2), (jnp.bfloat16, 64, 2, 2),
+                                           (jnp.bfloat16, 64, 4, 2)])
+def test_triton_lowering_without_gpu(dtype, d, H, Hkv):
+  """Forward + dq + dk/dv lower to Triton IR (cross-platform lowering; no GPU needed), also
+  with grouped-query k, v (Hkv < H)."""
+  q = jax.ShapeDtypeStruct((1, H, 100, d), dtype)
+  kv = jax.ShapeDtypeStruct((1, Hkv, 100, d), dtype)
+  cm = jax.ShapeDtypeStruct((1, H, 100, 16), jnp.bool_)
 
   def fwd_bwd(q, k, v, cm):
     out, vjp = jax.vjp(lambda q, k, v: sparse_attention(
@@ -235,7 +238,7 @@ def test_triton_lowering_without_gpu(dtype, d):
     return out, vjp(out)
 
   try:
-    lowered = jax.jit(fwd_bwd).trace(q, q, q, cm).lower(lowering_platforms=("cuda",))
+    lowered = jax.jit(fwd_bwd).trace(q, kv, kv, cm).lower(lowering_platforms=("cuda",))
   except (TypeError, NotImplementedError) as e:
     if "lowering_platforms" in str(e) or "cuda" in str(e).lower():
       pytest.skip(f"cross-platform lowering unavailable here: {e}")

@@ -205,11 +205,13 @@ def test_all_empty_mask():
     assert (np.asarray(g) == 0).all()
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_lowers_for_tpu(dtype):
+@pytest.mark.parametrize("dtype,H,Hkv", [(jnp.float32, 2, 2), (jnp.bfloat16, 2, 2),
+                                        (jnp.bfloat16, 4, 1)])
+def test_lowers_for_tpu(dtype, H, Hkv):
   """Forward + backward pass the Pallas -> Mosaic lowering (block-shape rules, every
-  primitive has a TPU rule) at TPU block sizes, on CPU. Mosaic's own compile is not run."""
-  N, H, T, d, K = 1, 2, 512, 64, 40
+  primitive has a TPU rule) at TPU block sizes, on CPU, also with grouped-query k, v
+  (Hkv < H). Mosaic's own compile is not run."""
+  N, T, d, K = 1, 512, 64, 40
 
   def f(q, k, v, cm):
     bm = build_block_map(cm, block_q=128, block_k=256)
@@ -218,8 +220,9 @@ def test_lowers_for_tpu(dtype):
     return out, lse, tpu.backward(q, k, v, cm, bm, out, lse, out, block_sizes=blocks)
 
   x = jax.ShapeDtypeStruct((N, H, T, d), dtype)
+  kv = jax.ShapeDtypeStruct((N, Hkv, T, d), dtype)
   cm = jax.ShapeDtypeStruct((N, H, T, K), jnp.bool_)
-  text = jax.jit(f).trace(x, x, x, cm).lower(lowering_platforms=("tpu",)).as_text()
+  text = jax.jit(f).trace(x, kv, kv, cm).lower(lowering_platforms=("tpu",)).as_text()
   assert text.count("tpu_custom_call") == 3
 
 

@@ -7,6 +7,9 @@ repeated dk, dv over each group. Fresh random inputs each run; the seed is in ev
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 
@@ -22,6 +25,9 @@ from pallas_kernels.sparse_attention import sparse_attention_reference as pallas
 from sea_jax.sea.sparse import sparse_attention, sparse_attention_reference
 from sea_jax.sea.topk import grouped_topk_mask
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_sea_pieces import make_rng, rel_err  # noqa: E402
+
 XLA_OPS = {"tiles": sparse_attention, "reference": sparse_attention_reference}
 H = 4
 GROUPS = (1, 2, 4)   # Hkv = 4, 2, 1
@@ -30,16 +36,6 @@ try:   # unwritten VMEM starts as NaN, so an output block a kernel never stores 
   TPU_INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
 except TypeError:
   TPU_INTERPRET = pltpu.InterpretParams()
-
-
-def make_rng():
-  seed = int(np.random.SeedSequence().entropy % 2**32)
-  return np.random.default_rng(seed), seed
-
-
-def rel_err(got, want) -> float:
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-300))
 
 
 def f32(*xs):
@@ -298,29 +294,6 @@ def test_gpu_public_op_interpret(G, dtype):
     assert max_rel_err(got, ref) <= tol, f"{name} {max_rel_err(got, ref):.2e}, {msg}"
 
 
-def test_gpu_kernels_lower_to_triton_with_gqa():
-  """Forward + dq + dk/dv lower to Triton IR with Hkv < H (cross-platform; no GPU needed)."""
-  q = jax.ShapeDtypeStruct((1, 4, 100, 64), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((1, 2, 100, 64), jnp.bfloat16)
-  cm = jax.ShapeDtypeStruct((1, 4, 100, 16), jnp.bool_)
-
-  def fwd_bwd(q, k, v, cm):
-    out, vjp = jax.vjp(lambda q, k, v: pallas_sparse_attention(
-        q, k, v, cm, backend="gpu", block_sizes=BlockSizes(32, 16)), q, k, v)
-    return out, vjp(out)
-
-  try:
-    lowered = jax.jit(fwd_bwd).trace(q, kv, kv, cm).lower(lowering_platforms=("cuda",))
-  except (TypeError, NotImplementedError) as e:
-    if "lowering_platforms" in str(e) or "cuda" in str(e).lower():
-      pytest.skip(f"cross-platform lowering unavailable here: {e}")
-    raise
-  text = lowered.as_text()
-  for name in ("sea_sparse_attention_fwd", "sea_sparse_attention_dq",
-               "sea_sparse_attention_dkdv"):
-    assert name in text, f"{name} missing from the lowered module"
-
-
 # --- TPU kernels (TPU interpret mode) --------------------------------------------------------
 
 
@@ -361,21 +334,3 @@ def test_tpu_public_op_interpret_bf16():
   for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), want):
     tol = 2e-2 if name == "out" else 3e-2
     assert max_rel_err(got, ref) <= tol, f"seed={seed}: {name} {max_rel_err(got, ref):.2e}"
-
-
-def test_tpu_kernels_lower_with_gqa():
-  """Forward + backward pass the Pallas -> Mosaic lowering with Hkv < H (Mosaic's own compile
-  is not run)."""
-  N, T, d, K = 1, 512, 64, 40
-
-  def f(q, k, v, cm):
-    bm = build_block_map(cm, block_q=128, block_k=256)
-    blocks = BlockSizes(block_q=128, block_k=256)
-    out, lse = tpu_lib.forward(q, k, v, cm, bm, block_sizes=blocks)
-    return out, lse, tpu_lib.backward(q, k, v, cm, bm, out, lse, out, block_sizes=blocks)
-
-  x = jax.ShapeDtypeStruct((N, H, T, d), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((N, 1, T, d), jnp.bfloat16)
-  cm = jax.ShapeDtypeStruct((N, H, T, K), jnp.bool_)
-  text = jax.jit(f).trace(x, kv, kv, cm).lower(lowering_platforms=("tpu",)).as_text()
-  assert text.count("tpu_custom_call") == 3
