@@ -133,6 +133,15 @@ class RuntimeConfig:
         "dense_impl": self.dense_impl,
     }
 
+  @classmethod
+  def build(cls, fields: dict[str, Any], hf: dict[str, Any], overrides: dict[str, Any]):
+    """The validated config of `fields` (read from a config.json dict `hf`) plus its "sea_jax"
+    block, then `overrides`: the last step of every family's from_hf_dict."""
+    cfg = dataclasses.replace(cls(), **{**fields, **cls.runtime_from_hf(hf)})
+    cfg = dataclasses.replace(cfg, **overrides)
+    cfg.validate()
+    return cfg
+
   @staticmethod
   def runtime_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """Field overrides from the "sea_jax" block of config.json (absent in HF checkpoints)."""
@@ -203,11 +212,7 @@ class OPTConfig(RuntimeConfig):
     kwargs = {k: v for k, v in hf.items() if k in names and k not in ("sea", "attention_layers")}
     if "word_embed_proj_dim" not in hf or hf.get("word_embed_proj_dim") is None:
       kwargs["word_embed_proj_dim"] = hf["hidden_size"]
-    kwargs.update(cls.runtime_from_hf(hf))
-    cfg = dataclasses.replace(cls(), **kwargs)
-    cfg = dataclasses.replace(cfg, **overrides)
-    cfg.validate()
-    return cfg
+    return cls.build(kwargs, hf, overrides)
 
   def to_hf_dict(self) -> dict[str, Any]:
     """A Hugging Face OPT `config.json` dict; SEA settings ride along under "sea_jax"."""
@@ -353,11 +358,7 @@ class LlamaConfig(RuntimeConfig):
     rope.pop("partial_rotary_factor", None)
     kind = rope.get("rope_type", "default")
     kwargs["rope_scaling"] = None if kind == "default" else tuple(sorted(rope.items()))
-    kwargs.update(cls.runtime_from_hf(hf))
-    cfg = dataclasses.replace(cls(), **kwargs)
-    cfg = dataclasses.replace(cfg, **overrides)
-    cfg.validate()
-    return cfg
+    return cls.build(kwargs, hf, overrides)
 
   def to_hf_dict(self) -> dict[str, Any]:
     """A Hugging Face `config.json` dict of this model type; SEA settings under "sea_jax"."""
