@@ -22,7 +22,7 @@ the new queries to every written slot (dense cores only).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -188,11 +188,13 @@ class DenseAttention(nnx.Module):
 
 class LayerKV(NamedTuple):
   """One layer's view of a `KVCache` during a call: k, v (N, Hkv, L, d), key_mask (N, L) with
-  the new tokens' bits already written, start () int32, the slot of the first new token."""
+  the new tokens' bits already written, start () int32, the slot of the first new token, and
+  the core's own decode state (None for dense attention)."""
   k: jax.Array
   v: jax.Array
   key_mask: jax.Array
   start: jax.Array
+  state: Any = None
 
 
 @dataclasses.dataclass
@@ -202,21 +204,27 @@ class KVCache:
   k, v: one (N, Hkv, L, d) array per layer, L preallocated slots in the compute dtype;
   key_mask (N, L) bool, True at slots that hold a real token (left padding and slots not yet
   written are False); length () int32, the slots written so far (the next T tokens of a call
-  go to slots length .. length + T - 1, the same for every row).
+  go to slots length .. length + T - 1, the same for every row); states: per layer, the
+  attention core's decode state (None for dense; SEA and Performer: `sea_jax.sea.decode`),
+  which keeps a layer's calls to a multi-token prefill from slot 0, then one token per call.
   """
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   key_mask: jax.Array
   length: jax.Array
+  states: tuple[Any, ...] = ()
 
   @classmethod
   def zeros(cls, config, batch: int, max_len: int) -> "KVCache":
     """An empty cache of `max_len` slots for `config`'s model (any family)."""
     shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     layers = range(config.num_hidden_layers)
+    attention = AttentionShape.of(config)
     return cls(k=tuple(jnp.zeros(shape, config.compute_dtype) for _ in layers),
                v=tuple(jnp.zeros(shape, config.compute_dtype) for _ in layers),
-               key_mask=jnp.zeros((batch, max_len), bool), length=jnp.zeros((), jnp.int32))
+               key_mask=jnp.zeros((batch, max_len), bool), length=jnp.zeros((), jnp.int32),
+               states=tuple(_decode_state(config.attention_kind(i), attention, batch)
+                            for i in layers))
 
   def extend_mask(self, attention_mask: jax.Array | None, T: int) -> jax.Array:
     """(N, L) key mask with the T new tokens' attention_mask (N, T) (None = all real) written at
@@ -238,12 +246,15 @@ class KVCache:
     T tokens); call(layer, h, LayerKV) -> (h, aux, updated LayerKV); key_mask from
     `extend_mask`."""
     updated = []
+    states = self.states or (None,) * len(self.k)
     for i, layer in enumerate(layers):
       with jax.named_scope(f"layer_{i}"):
-        h, _, layer_kv = call(layer, h, LayerKV(self.k[i], self.v[i], key_mask, self.length))
+        h, _, layer_kv = call(layer, h, LayerKV(self.k[i], self.v[i], key_mask, self.length,
+                                                 states[i]))
       updated.append(layer_kv)
     return h, KVCache(k=tuple(c.k for c in updated), v=tuple(c.v for c in updated),
-                      key_mask=key_mask, length=self.length + h.shape[1])
+                      key_mask=key_mask, length=self.length + h.shape[1],
+                      states=tuple(c.state for c in updated))
 
   @staticmethod
   def check_call(dropout_rng, output_hidden_states: bool, return_attn_aux: bool) -> None:
@@ -253,23 +264,24 @@ class KVCache:
                         "return_attn_aux")
 
 
-jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "key_mask", "length"],
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "key_mask", "length", "states"],
                                  meta_fields=[])
 
 
 def cached_attention(core: nnx.Module, q: jax.Array, k: jax.Array, v: jax.Array,
-                     cache: LayerKV) -> tuple[jax.Array, LayerKV]:
+                     cache: LayerKV, *, sea_k=None) -> tuple[jax.Array, LayerKV]:
   """Writes the new k, v (N,Hkv,T,d) into the cache at slot cache.start and attends q (N,H,T,d)
-  to every visible slot (s <= its own, cache.key_mask) -> (context (N,H,T,d), updated LayerKV).
+  -> (context (N,H,T,d), updated LayerKV).
 
-  Dense cores only; SEA and Performer generate by the full forward (`sea_jax.generate`).
+  Dense: every visible slot (s <= its own, cache.key_mask). SEA and Performer: the core's
+  `cached` (a prefill by the full forward, then one token per call from the core's state).
   """
-  if not isinstance(core, DenseAttention):
-    raise ConfigError(f"a KV cache needs dense attention, not {type(core).__name__}; SEA and "
-                      "Performer models generate by the full forward")
   at = (0, 0, cache.start, 0)
   k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at)
   v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)
+  if not isinstance(core, DenseAttention):
+    context, state = core.cached(q, k, v, cache._replace(k=k_all, v=v_all), sea_k=sea_k)
+    return context, cache._replace(k=k_all, v=v_all, state=state)
   T, L = q.shape[2], k_all.shape[2]
   chunked = resolve_dense_impl(core.impl, L, q.dtype) != "reference"  # long caches, cuDNN
   with jax.named_scope("cached_attention"):
@@ -288,6 +300,14 @@ def _sea_core(shape: AttentionShape, *, rngs: nnx.Rngs) -> nnx.Module:
 def _performer_core(shape: AttentionShape, *, rngs: nnx.Rngs) -> nnx.Module:
   from sea_jax.sea import PerformerAttention
   return PerformerAttention.from_shape(shape, rngs=rngs)
+
+
+def _decode_state(kind: str, shape: AttentionShape, batch: int):
+  """A layer's empty decode state by attention kind (None: dense keeps only k, v)."""
+  if kind == "dense":
+    return None
+  from sea_jax.sea import PerformerAttention, SEAAttention
+  return {"sea": SEAAttention, "performer": PerformerAttention}[kind].decode_state(shape, batch)
 
 
 ATTENTION_CORES: dict[str, Callable[..., nnx.Module]] = {

@@ -3,23 +3,22 @@
   python -m sea_jax.generate --model PATH --prompt "Once upon a time" --max-new-tokens 32
   python -m sea_jax.generate --model PATH --prompt-file p.txt --temperature 0.8 --top-p 0.9
 
-Dense models (every layer dense) decode with a KV cache: the prompts are left-padded into one
-batch (N, P); ONE jitted prefill writes the prompt's first P - 1 columns into a preallocated
-`attention.KVCache` (per layer k, v (N, Hkv, L, d), L = P - 1 + max_new_tokens, key mask
-(N, L), written length) and returns only the cache, so no (N, P, V) logits are ever made; ONE
-jitted decode step (the tokens, the cache and the step index are arguments, every shape
-static, the cache donated) takes the last prompt column (every row's is real), which draws the
-first new token, and then each new token, so it compiles once per (batch, L). Positions follow
-Hugging Face's generate: cumsum(mask) - 1 over the cache's key mask, so a left-padded row sees
-the positions and keys it would see alone.
+Every model decodes with a KV cache: the prompts are left-padded into one batch (N, P); ONE
+jitted prefill writes the prompt's first P - 1 columns into a preallocated `attention.KVCache`
+(per layer k, v (N, Hkv, L, d), L = P - 1 + max_new_tokens, key mask (N, L), written length,
+and each SEA / Performer layer's decode state) and returns only the cache, so no (N, P, V)
+logits are ever made; ONE jitted decode step (the tokens, the cache and the step index are
+arguments, every shape static, the cache donated) takes the last prompt column (every row's is
+real), which draws the first new token, and then each new token, so it compiles once per
+(batch, L). Positions follow Hugging Face's generate: cumsum(mask) - 1 over the cache's key
+mask, so a left-padded row sees the positions and keys it would see alone.
 
-SEA and Performer models (any non-dense layer) take a correct but simple path for now: every
-step runs the full forward on a fixed (N, L) right-padded token buffer (one compiled function;
-the per-row lengths are an argument) and reads the logits at each row's last real position.
-Both cores are causal, so the padding after a row's tokens never reaches them. Not done yet:
-the incremental SEA decode (the Performer branch's running sums, the estimator CNN's history of
-past rows, the per-row top-k over the cache) and the Performer's recurrent state; each step is
-therefore a full forward of L tokens.
+Dense layers attend to every cached slot. SEA layers (`sea_jax.sea.decode`) prefill by the
+full-sequence forward and then step from their state: the Performer branch's running sums,
+the estimator CNN's last rows, the new row's Â and grouped top-k over its H·K cells, and
+attention over only the keys that row keeps (a static list of `kept_key_bound` pairs), so a
+step's attention work follows the kept keys, not the context. Performer layers step from their
+running sums.
 
 Sampling: temperature 0 is greedy (argmax, ties to the lower id); otherwise a draw from
 softmax(logits / temperature) restricted to the top-p nucleus (the most likely tokens whose
@@ -93,11 +92,6 @@ def eos_ids(config) -> tuple[int, ...]:
   return tuple(eos) if isinstance(eos, (tuple, list)) else (int(eos),)
 
 
-def uses_kv_cache(config) -> bool:
-  """Dense attention in every layer: the KV-cache path; otherwise the full-forward path."""
-  return all(config.attention_kind(i) == "dense" for i in range(config.num_hidden_layers))
-
-
 # --- sampling -------------------------------------------------------------------------------------
 
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array,
@@ -133,11 +127,12 @@ def _constrain(cache: KVCache, mesh: Mesh | None) -> KVCache:
   kv = ("batch", "kv_heads", None, "head_dim")
   return KVCache(k=tuple(put(a, kv) for a in cache.k), v=tuple(put(a, kv) for a in cache.v),
                  key_mask=put(cache.key_mask, ("batch", None)),
-                 length=jax.lax.with_sharding_constraint(cache.length, NamedSharding(mesh, P())))
+                 length=jax.lax.with_sharding_constraint(cache.length, NamedSharding(mesh, P())),
+                 states=cache.states)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "mesh"))
-def _prefill(graphdef, state, ids, mask, *, max_len, mesh):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "sea_k", "mesh"))
+def _prefill(graphdef, state, ids, mask, *, max_len, sea_k, mesh):
   """ids, mask (N, T) left-padded -> a cache of max_len slots holding them (T may be 0).
 
   Only the cache is returned, so XLA drops the LM head: no (N, T, V) logits.
@@ -146,32 +141,20 @@ def _prefill(graphdef, state, ids, mask, *, max_len, mesh):
   model = nnx.merge(graphdef, state)
   cache = _constrain(KVCache.zeros(model.config, ids.shape[0], max_len), mesh)
   if ids.shape[1] > 0:
-    _, cache = model(ids, mask, cache=cache)
+    _, cache = model(ids, mask, sea_k=sea_k, cache=cache)
   return _constrain(cache, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("cache",))
-def _decode(graphdef, state, tokens, cache, key, step, temperature, top_p, *, mesh):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sea_k", "mesh"),
+                   donate_argnames=("cache",))
+def _decode(graphdef, state, tokens, cache, key, step, temperature, top_p, *, sea_k, mesh):
   """tokens (N,) after the cache's slots -> (next tokens (N,), their logits (N, V), cache)."""
   TRACES["decode"] += 1
   model = nnx.merge(graphdef, state)
-  out, cache = model(tokens[:, None], None, cache=cache)
+  out, cache = model(tokens[:, None], None, sea_k=sea_k, cache=cache)
   logits = out.logits[:, 0]
   tokens = sample(logits, jax.random.fold_in(key, step), temperature, top_p)
   return tokens, logits, _constrain(cache, mesh)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "sea_k"), donate_argnames=("buffer",))
-def _full_step(graphdef, state, buffer, lengths, key, step, temperature, top_p, *, sea_k):
-  """buffer (N, L) right-padded, lengths (N,) -> (next tokens, their logits (N, V), buffer with
-  them written at `lengths`, lengths + 1): the full forward, no cache."""
-  TRACES["full"] += 1
-  model = nnx.merge(graphdef, state)
-  logits = model(buffer, sea_k=sea_k).logits
-  logits = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-  tokens = sample(logits, jax.random.fold_in(key, step), temperature, top_p)
-  buffer = buffer.at[jnp.arange(buffer.shape[0]), lengths].set(tokens, mode="drop")
-  return tokens, logits, buffer, lengths + 1
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -213,7 +196,7 @@ def _put(array: np.ndarray, mesh: Mesh | None, state) -> jax.Array:
   return jax.device_put(array, devices[0])
 
 
-def _cached_steps(graphdef, state, config, rows, max_new_tokens, key, knobs, mesh):
+def _cached_steps(graphdef, state, config, rows, max_new_tokens, key, knobs, sea_k, mesh):
   """The prefill writes every prompt token but the last; the decode step takes the last one
   (step 0: the first new token) and then each new token -> (tokens, logits, seconds) per
   step, step 0's seconds including the prefill."""
@@ -225,33 +208,18 @@ def _cached_steps(graphdef, state, config, rows, max_new_tokens, key, knobs, mes
     mask[n, P_len - len(r):] = 1
   head, head_mask = _put(ids[:, :-1], mesh, state), _put(mask[:, :-1], mesh, state)
   tokens = _put(ids[:, -1], mesh, state)  # every row's last column is real (left padding)
-  static = dict(max_len=P_len - 1 + max_new_tokens, mesh=mesh)
+  static = dict(max_len=P_len - 1 + max_new_tokens, sea_k=sea_k, mesh=mesh)
   _prefill.lower(graphdef, state, head, head_mask, **static).compile()  # compiles untimed
   start = time.perf_counter()
   cache = jax.block_until_ready(_prefill(graphdef, state, head, head_mask, **static))
   prefill_s = time.perf_counter() - start
-  _decode.lower(graphdef, state, tokens, cache, key, 0, *knobs, mesh=mesh).compile()
+  _decode.lower(graphdef, state, tokens, cache, key, 0, *knobs, sea_k=sea_k, mesh=mesh).compile()
   for i in range(max_new_tokens):
     start = time.perf_counter()
-    tokens, logits, cache = _decode(graphdef, state, tokens, cache, key, i, *knobs, mesh=mesh)
+    tokens, logits, cache = _decode(graphdef, state, tokens, cache, key, i, *knobs, sea_k=sea_k,
+                                    mesh=mesh)
     host = np.asarray(tokens)  # waits for the step
     yield host, logits, time.perf_counter() - start + (prefill_s if i == 0 else 0.0)
-
-
-def _full_steps(graphdef, state, config, rows, max_new_tokens, key, knobs, sea_k, mesh):
-  """One full forward per step on a right-padded buffer -> (tokens, logits, seconds)."""
-  lengths = np.asarray([len(r) for r in rows], np.int32)
-  buffer = np.full((len(rows), int(lengths.max()) + max_new_tokens), _pad_id(config), np.int32)
-  for n, r in enumerate(rows):
-    buffer[n, :len(r)] = r
-  buffer, lengths = _put(buffer, mesh, state), _put(lengths, mesh, state)
-  _full_step.lower(graphdef, state, buffer, lengths, key, 0, *knobs, sea_k=sea_k).compile()
-  for i in range(max_new_tokens):
-    start = time.perf_counter()
-    tokens, logits, buffer, lengths = _full_step(graphdef, state, buffer, lengths, key, i,
-                                                 *knobs, sea_k=sea_k)
-    host = np.asarray(tokens)  # waits for the step
-    yield host, logits, time.perf_counter() - start
 
 
 def stream(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -272,10 +240,7 @@ def stream(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_token
   rows = _batch(prompts, mesh)
   key = jax.random.key(seed)
   knobs = (jnp.float32(temperature), jnp.float32(top_p))
-  if uses_kv_cache(config):
-    steps = _cached_steps(graphdef, state, config, rows, max_new_tokens, key, knobs, mesh)
-  else:
-    steps = _full_steps(graphdef, state, config, rows, max_new_tokens, key, knobs, sea_k, mesh)
+  steps = _cached_steps(graphdef, state, config, rows, max_new_tokens, key, knobs, sea_k, mesh)
   done = np.zeros(len(prompts), bool)
   for index, (tokens, logits, seconds) in enumerate(steps):
     if len(rows) > len(prompts):  # the mesh's filler rows
@@ -327,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "family). The prompt is encoded by the model's tokenizer as transformers "
                   "encodes for generation, i.e. with its special tokens (OPT's tokenizer "
                   "prepends </s>). The new text streams to stderr; the last stdout line is one "
-                  "JSON object. Dense models decode with a KV cache; SEA and Performer models "
-                  "by a full forward per token (no incremental SEA decode yet).")
+                  "JSON object. Every model decodes with a KV cache; SEA layers attend to the "
+                  "keys each new row keeps only.")
   p.add_argument("--model", required=True, help="model folder, Hugging Face folder or hub id")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--prompt", help="the prompt text")
@@ -396,7 +361,7 @@ def _run(args) -> int:
       "text": tokenizer.decode(new, skip_special_tokens=True), "stop": stop,
       "attention": cfg.attention,
       "sea_k": (args.sea_k or cfg.sea.k) if cfg.attention == "sea" else None,
-      "kv_cache": uses_kv_cache(cfg), "dtype": cfg.dtype, "temperature": args.temperature,
+      "dtype": cfg.dtype, "temperature": args.temperature,
       "top_p": args.top_p, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
       "prefill_seconds": round(prefill_s, 4), "decode_seconds": round(decode_s, 4),
       "tokens_per_s": (len(new) - 1) / decode_s if decode_s > 0 else None,

@@ -47,7 +47,8 @@ class LlamaAttention(nnx.Module):
     k = apply_rope(split(self.k_proj(x), self.num_kv_heads), cos, sin)
     v = split(self.v_proj(x), self.num_kv_heads)
     if cache is not None:
-      context, cache = cached_attention(self.core, q.astype(x.dtype), k, v, cache)
+      context, cache = cached_attention(self.core, q.astype(x.dtype), k, v, cache,
+                                        sea_k=sea_k)
       aux = {}
     else:
       context, aux = self.core(q.astype(x.dtype), k, v, key_mask=key_mask, sea_k=sea_k,
@@ -124,7 +125,7 @@ class LlamaForCausalLM(nnx.Module):
     sea_k: SEA's keys per query per head for this call (None = the config's k).
     position_ids: (N,T) int RoPE positions (None = 0..T-1 for every row, or with a cache the
       cache's rule); Hugging Face's generate passes cumsum(mask) - 1, 0 at padding.
-    cache: a `KVCache` (generation, dense attention): input_ids are the T tokens after its
+    cache: a `KVCache` (generation; any attention): input_ids are the T tokens after its
       written slots, positions by default follow its key mask (`KVCache.positions`) and the
       call returns (output, updated cache).
     """
@@ -153,7 +154,7 @@ class LlamaForCausalLM(nnx.Module):
 
     if cache is not None:
       h, cache = cache.run(self.layers, h, key_mask,
-                           lambda layer, h, c: layer(h, cos, sin, cache=c))
+                           lambda layer, h, c: layer(h, cos, sin, sea_k=sea_k, cache=c))
       hidden, auxes = [], []
     else:
       h, hidden, auxes = run_layers(self.layers, h, remat=cfg.remat, dropout_rng=dropout_rng,

@@ -47,7 +47,7 @@ class OPTAttention(nnx.Module):
     k = split(self.k_proj(x))
     v = split(self.v_proj(x))
     if cache is not None:
-      context, cache = cached_attention(self.core, q, k, v, cache)
+      context, cache = cached_attention(self.core, q, k, v, cache, sea_k=sea_k)
       aux = {}
     else:
       context, aux = self.core(q, k, v, key_mask=key_mask, sea_k=sea_k,
@@ -127,7 +127,7 @@ class OPTForCausalLM(nnx.Module):
 
     dropout_rng: a PRNG key turns dropout on (training); None is deterministic.
     sea_k: SEA's keys per query per head for this call (None = the config's k).
-    cache: a `KVCache` (generation, dense attention): input_ids are the T tokens after its
+    cache: a `KVCache` (generation; any attention): input_ids are the T tokens after its
       written slots, positions follow its key mask (`KVCache.positions`, which agrees with
       OPT's rule on real tokens) and the call returns (output, updated cache).
     """
@@ -158,7 +158,8 @@ class OPTForCausalLM(nnx.Module):
       return layer(h, key_mask=key_mask, sea_k=sea_k, dropout_rng=key, return_aux=return_attn_aux)
 
     if cache is not None:
-      h, cache = cache.run(self.layers, h, key_mask, lambda layer, h, c: layer(h, cache=c))
+      h, cache = cache.run(self.layers, h, key_mask,
+                           lambda layer, h, c: layer(h, sea_k=sea_k, cache=c))
       hidden, auxes = [], []
     else:
       h, hidden, auxes = run_layers(self.layers, h, remat=cfg.remat, dropout_rng=dropout_rng,

@@ -1,6 +1,6 @@
 """Generation: greedy tokens against transformers' generate (OPT, Llama; left-padded batches),
 KV-cache logits against the full forward, one compile of the decode step, seeded sampling,
-EOS, SEA by the full-forward path, sharding, and the command line."""
+EOS, SEA and Performer decoding from their state, sharding, and the command line."""
 from __future__ import annotations
 
 import json
@@ -199,20 +199,34 @@ def sea_student(tmp_path_factory):
   return str(root / "sj")
 
 
-@pytest.mark.parametrize("kind", ["sea", "performer"])
-def test_full_forward_path_steps_equal_the_forward_of_each_row(kind, sea_student, build):
-  """SEA / Performer take the full-forward path (one compiled step over a right-padded buffer):
-  each step's logits equal the forward of that row alone (prompt + new tokens, unpadded) at
-  that position."""
+@pytest.fixture(scope="module")
+def llama_sea_student(tmp_path_factory):
+  """A grouped-query Llama (4 query heads, 2 kv heads) with fresh SEA modules, K = 16."""
+  root = tmp_path_factory.mktemp("llama_sea")
+  save_tiny_llama(str(root / "hf"), "llama", seed=14, kv_heads=2)
+  convert.hf_to_model_folder(str(root / "hf"), str(root / "sj"), attention="sea",
+                             sea=SEAConfig(K=16, k=2))
+  return str(root / "sj")
+
+
+@pytest.mark.parametrize("kind", ["sea", "sea_llama", "performer"])
+def test_incremental_steps_equal_the_forward_of_each_row(kind, sea_student, llama_sea_student,
+                                                         build):
+  """SEA and Performer decode incrementally from their state (`sea_jax.sea.decode`): each
+  step's logits equal the full forward of that row alone (prompt + new tokens, unpadded) at
+  that position, fp32 1e-5, for prompts shorter and longer than K = 16 in one left-padded
+  batch; the decode step compiles once."""
   if kind == "sea":
     model, sea_k = checkpoint.load_model(sea_student), 3
+  elif kind == "sea_llama":
+    model, sea_k = checkpoint.load_model(llama_sea_student), None
   else:  # fresh Performer modules on the dense OPT
     model, sea_k = checkpoint.load_model(build("opt")[2], attention="performer"), None
-  assert not gen.uses_kv_cache(model.config)
-  prompts = [[2, 31, 414, 7, 9], [2, 1000, 17, 52, 97, 13, 5, 8, 6, 44, 81]]
-  before, compiled = gen.TRACES["full"], gen._full_step._cache_size()
-  steps = list(gen.stream(model, prompts, max_new_tokens=5, eos_token_ids=(), sea_k=sea_k))
-  assert gen.TRACES["full"] == before + 1 and gen._full_step._cache_size() == compiled + 1
+  rng = np.random.default_rng(5)
+  prompts = [[2] + rng.integers(3, 200, n).tolist() for n in (4, 22, 1)]
+  before, compiled = gen.TRACES["decode"], gen._decode._cache_size()
+  steps = list(gen.stream(model, prompts, max_new_tokens=7, eos_token_ids=(), sea_k=sea_k))
+  assert gen.TRACES["decode"] == before + 1 and gen._decode._cache_size() == compiled + 1
   forward = nnx.jit(lambda m, x: m(x, sea_k=sea_k).logits)
   for n, prompt in enumerate(prompts):
     row = list(prompt) + [int(s.tokens[n]) for s in steps]
@@ -256,7 +270,7 @@ def test_cli_prints_one_json_line_and_streams_text(opt):
   proc, line = run_cli("--model", folder, "--prompt", TEXTS[1], "--max-new-tokens", 6)
   assert REQUIRED <= set(line)
   assert line["prompt_tokens"] == len(prompts[1]) and line["attention"] == "dense"
-  assert line["sea_k"] is None and line["kv_cache"] is True
+  assert line["sea_k"] is None
   model = checkpoint.load_model(folder)
   assert line["new_tokens"] == gen.generate(model, [prompts[1]], max_new_tokens=6)[0]
   assert line["tokens_per_s"] > 0 and line["text"]
@@ -268,7 +282,7 @@ def test_cli_sea_student_reports_its_k(sea_student, tmp_path):
   prompt.write_text(TEXTS[0])
   _, line = run_cli("--model", sea_student, "--prompt-file", prompt, "--max-new-tokens", 4,
                     "--sea-k", 2, "--temperature", 0.7, "--seed", 3)
-  assert line["attention"] == "sea" and line["sea_k"] == 2 and line["kv_cache"] is False
+  assert line["attention"] == "sea" and line["sea_k"] == 2
   ids = data.load_tokenizer(sea_student)(TEXTS[0])["input_ids"]
   assert line["prompt_tokens"] == len(ids)
   want = gen.generate(checkpoint.load_model(sea_student), [ids], max_new_tokens=4, sea_k=2,

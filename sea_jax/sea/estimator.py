@@ -79,6 +79,10 @@ class RowDecoder(nnx.Module):
     return y.transpose(0, 1, 3, 2, 4).reshape(N, 2 * H, T, self.width)
 
 
+CONV_SIZE, CONV_DILATION = 3, 2  # MaskCNN's causal convs (§1.2 step 4b, c)
+HISTORY_ROWS = (CONV_SIZE - 1) * CONV_DILATION  # past rows a conv's input keeps for decoding
+
+
 class CausalConv(nnx.Module):
   """k×k conv with dilation over (time, width): (N,C,T,W) -> (N,O,T,W).
 
@@ -86,7 +90,8 @@ class CausalConv(nnx.Module):
   width is padded (k-1)·dilation/2 on each side ("same").
   """
 
-  def __init__(self, in_ch: int, out_ch: int, *, size: int = 3, dilation: int = 2, dtype,
+  def __init__(self, in_ch: int, out_ch: int, *, size: int = CONV_SIZE,
+               dilation: int = CONV_DILATION, dtype,
                param_dtype, rngs: nnx.Rngs):
     bound = (in_ch * size * size) ** -0.5
     self.kernel = param(rngs, _uniform(bound), (out_ch, in_ch, size, size),
@@ -96,10 +101,12 @@ class CausalConv(nnx.Module):
     self.dilation = dilation
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, pad_time: bool = True) -> jax.Array:
+    """pad_time=False (decoding): x holds the `reach` rows before the new ones, unpadded, and
+    the output has `reach` rows fewer."""
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), self.kernel[...].astype(self.dtype), window_strides=(1, 1),
-        padding=((self.reach, 0), (self.reach // 2, self.reach // 2)),
+        padding=((self.reach if pad_time else 0, 0), (self.reach // 2, self.reach // 2)),
         rhs_dilation=(self.dilation, self.dilation),
         dimension_numbers=("NCHW", "OIHW", "NCHW"))
     return y + self.bias[...].astype(self.dtype)[:, None, None]
@@ -144,11 +151,31 @@ class MaskCNN(nnx.Module):
     self.norm_out = LayerNorm(K, axis_name="sea_width", eps=1e-5, dtype=_wide(dtype),
                               param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = self.norm_in(x)
-    x = jax.nn.relu(self.conv1(x))
-    x = jax.nn.relu(self.conv2(x))
-    return self.norm_out(self.project(x))
+  def __call__(self, x: jax.Array, *, return_history: bool = False):
+    """-> Ê; with return_history also (h0, h1), the two convs' inputs (N,2H,T,K/4), from which
+    `history_at` takes a decoder's starting history."""
+    h0 = self.norm_in(x)
+    h1 = jax.nn.relu(self.conv1(h0))
+    out = self.norm_out(self.project(jax.nn.relu(self.conv2(h1))))
+    return (out, (h0, h1)) if return_history else out
+
+  def step(self, x: jax.Array, history: tuple[jax.Array, jax.Array]):
+    """One new row (decoding): x (N,2H,1,K/4) and the last HISTORY_ROWS rows of each conv
+    input ((N,2H,R,K/4) each, zeros before the sequence start, as the causal padding) ->
+    (Ê (N,H,1,K), the history shifted by the new row)."""
+    h0 = jnp.concatenate([history[0], self.norm_in(x).astype(history[0].dtype)], axis=2)
+    h1 = jax.nn.relu(self.conv1(h0, pad_time=False)).astype(history[1].dtype)
+    h1 = jnp.concatenate([history[1], h1], axis=2)
+    out = self.norm_out(self.project(jax.nn.relu(self.conv2(h1, pad_time=False))))
+    return out, (h0[:, :, 1:], h1[:, :, 1:])
+
+
+def history_at(rows: jax.Array, lengths: jax.Array, R: int) -> jax.Array:
+  """The R rows before position `lengths` (N,) of rows (N,C,T,W) -> (N,C,R,W), zeros where the
+  position is < 0 (a decoder's starting `MaskCNN.step` history after a prefill)."""
+  idx = lengths[:, None] - R + jnp.arange(R, dtype=jnp.int32)[None]  # (N, R)
+  got = jnp.take_along_axis(rows, jnp.clip(idx, 0, rows.shape[2] - 1)[:, None, :, None], axis=2)
+  return jnp.where((idx >= 0)[:, None, :, None], got, jnp.zeros((), rows.dtype))
 
 
 class Estimator(nnx.Module):
@@ -162,12 +189,26 @@ class Estimator(nnx.Module):
     self.cnn = MaskCNN(H, K, **kw)
     self.gates = _linear(2 * d, 2, ("sea_hidden", None), **kw)
 
-  def __call__(self, z_in: jax.Array):
+  def __call__(self, z_in: jax.Array, *, return_history: bool = False):
+    """-> (Ê, s_prob, s_mix), and the CNN's (h0, h1) with return_history (`MaskCNN`)."""
     with jax.named_scope("sea_encoder"):
       z = self.encoder(z_in)
     with jax.named_scope("sea_mask_cnn"):
-      est_logits = self.cnn(self.decoder(z))
+      est = self.cnn(self.decoder(z), return_history=return_history)
+    s_prob, s_mix = self._gates(z)
+    if return_history:
+      return est[0], s_prob, s_mix, est[1]
+    return est, s_prob, s_mix
+
+  def step(self, z_in: jax.Array, history):
+    """One new row: z_in (N,H,1,3d), the CNN history -> (Ê (N,H,1,K), s_prob, s_mix (N,H,1),
+    history)."""
+    z = self.encoder(z_in)
+    est, history = self.cnn.step(self.decoder(z), history)
+    return (est, *self._gates(z), history)
+
+  def _gates(self, z):
     with jax.named_scope("sea_gates"):
       gates = self.gates(z)
       gates = jax.nn.sigmoid(gates.astype(_wide(gates.dtype)))
-    return est_logits, gates[..., 0], gates[..., 1]
+    return gates[..., 0], gates[..., 1]

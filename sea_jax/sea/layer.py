@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sea_jax.attention import AttentionShape, repeat_kv
 from sea_jax.config import ConfigError
 from sea_jax.layers import normal_init, param
 from sea_jax.sea.bins import nonempty_bins
-from sea_jax.sea.estimator import Estimator
-from sea_jax.sea.performer import (causal_linear_attention, num_random_features,
+from sea_jax.sea.decode import (PerformerState, SEAState, attend_kept, kept_key_bound,
+                                to_left_padding, to_right_padding)
+from sea_jax.sea.estimator import HISTORY_ROWS, Estimator, history_at
+from sea_jax.sea.performer import (causal_linear_attention, linear_attention_state,
+                                   linear_attention_step, num_random_features,
                                    orthogonal_random_features, relu_features)
 from sea_jax.sea.sparse import sparse_attention
-from sea_jax.sea.topk import check_k, grouped_topk_mask
+from sea_jax.sea.topk import check_k, grouped_topk_mask, grouped_topk_row
 
 class RandomFeatures(nnx.Variable):
   """Fixed (m, d) orthogonal random features: checkpointed, never trained (not an nnx.Param)."""
@@ -74,21 +78,50 @@ def masked_bin_softmax(est_logits: jax.Array) -> jax.Array:
 
 
 def position_values(table: jax.Array, T: int, max_positions: int) -> jax.Array:
-  """P's rows for positions 0..T-1: (R, d) -> (T, d).
+  """P's rows for positions 0..T-1: (R, d) -> (T, d) (`position_values_at`)."""
+  if table.shape[0] >= max_positions:
+    return table[:T]
+  return position_values_at(table, jnp.arange(T, dtype=jnp.int32), max_positions)
 
-  R == max_positions: rows 0..T-1 (OPT: one learned row per position). R < max_positions (long
-  context, SEAConfig.position_rows): position s reads the table by linear interpolation at
-  u = s (R - 1) / (max_positions - 1), clamped to the last row beyond max_positions.
+
+def position_values_at(table: jax.Array, positions: jax.Array, max_positions: int) -> jax.Array:
+  """P's rows for int positions (any shape S): (R, d) -> (*S, d).
+
+  R == max_positions: row s for position s (OPT: one learned row per position). R <
+  max_positions (long context, SEAConfig.position_rows): position s reads the table by linear
+  interpolation at u = s (R - 1) / (max_positions - 1), clamped to the last row beyond
+  max_positions.
   """
   R = table.shape[0]
   if R >= max_positions:
-    return table[:T]
-  u = jnp.arange(T, dtype=jnp.float32) * ((R - 1) / max(max_positions - 1, 1))
+    return table[positions]
+  u = positions.astype(jnp.float32) * ((R - 1) / max(max_positions - 1, 1))
   u = jnp.minimum(u, R - 1)
   lo = jnp.floor(u).astype(jnp.int32)
   hi = jnp.minimum(lo + 1, R - 1)
-  w = (u - lo)[:, None].astype(table.dtype)
+  w = (u - lo)[..., None].astype(table.dtype)
   return table[lo] * (1 - w) + table[hi] * w
+
+
+def _static_k(keys_per_head) -> int:
+  if not isinstance(keys_per_head, (int, np.integer)):
+    raise ConfigError("decoding with SEA needs a Python int sea_k (the kept-key list's length "
+                      "is static)")
+  return int(keys_per_head)
+
+
+def _prefill_rows(cache, T: int):
+  """A prefill's rows from its LayerKV (slots 0..T-1, left-padded): lengths (N,), offsets (N,)
+  and valid (N, 1, T), True at each row's real positions after `to_right_padding`."""
+  lengths = jnp.sum(cache.key_mask[:, :T], axis=-1).astype(jnp.int32)
+  valid = jnp.arange(T, dtype=jnp.int32)[None] < lengths[:, None]
+  return lengths, T - lengths, valid[:, None]
+
+
+def _step_rows(cache):
+  """A decode step's row positions t (N,) and left-padding offsets (N,) from its LayerKV."""
+  t = jnp.sum(cache.key_mask, axis=-1).astype(jnp.int32) - 1
+  return t, cache.start - t
 
 
 class SEAAttention(nnx.Module):
@@ -135,6 +168,11 @@ class SEAAttention(nnx.Module):
                return_aux=False):
     """q (N,H,T,d), k, v (N,Hkv,T,d) -> (C_sea (N,H,T,d) in v.dtype, aux dict)."""
     del key_mask, deterministic
+    context, aux, _ = self._forward(q, k, v, sea_k, return_aux=return_aux)
+    return context, aux
+
+  def _forward(self, q, k, v, sea_k, *, return_aux=False, return_history=False):
+    """`__call__`'s computation; with return_history also the CNN's conv inputs (h0, h1)."""
     N, H, T, d = q.shape
     if T > self.max_positions and self.positions[...].shape[0] >= self.max_positions:
       raise ValueError(f"sequence length {T} exceeds SEA's position table "
@@ -152,7 +190,7 @@ class SEAAttention(nnx.Module):
       c_perf = causal_linear_attention(relu_features(q, W), relu_features(k_heads, W), v_cat,
                                        self.performer_chunk)
     z_in = jnp.concatenate([c_perf.astype(self.dtype), v_heads.astype(self.dtype)], axis=-1)
-    est_logits, s_prob, s_mix = self.estimator(z_in)
+    est_logits, s_prob, s_mix, *history = self.estimator(z_in, return_history=return_history)
     with jax.named_scope("sea_topk"):
       est_probs = masked_bin_softmax(est_logits)
       mask = grouped_topk_mask(est_probs, keys_per_head)
@@ -167,7 +205,80 @@ class SEAAttention(nnx.Module):
     if return_aux:
       aux = {"q": q, "k": k, "context": context, "est_logits": est_logits,
              "est_probs": est_probs, "compressed_mask": mask, "s_prob": s_prob, "s_mix": s_mix}
-    return context, aux
+    return context, aux, (history[0] if history else None)
+
+  # --- decoding (`sea_jax.sea.decode`) ---
+
+  @classmethod
+  def decode_state(cls, shape: AttentionShape, batch: int) -> SEAState:
+    """The empty decode state of one layer for `batch` rows."""
+    H, d, K = shape.num_heads, shape.head_dim, shape.sea.K
+    m = num_random_features(d, shape.sea.nbf)
+    history = jnp.zeros((batch, 2 * H, HISTORY_ROWS, K // 4), shape.dtype)
+    return SEAState(performer=PerformerState(S=jnp.zeros((batch, H, m, 2 * d), jnp.float32),
+                                             z=jnp.zeros((batch, H, m), jnp.float32)),
+                    v_sum=jnp.zeros((batch, shape.num_kv_heads, d), jnp.float32),
+                    history=(history, history))
+
+  def cached(self, q, k, v, cache, *, sea_k=None):
+    """With a KV cache (`attention.cached_attention`): q (N,H,T,d), the new k, v (N,Hkv,T,d),
+    cache a `LayerKV` whose k, v already hold them and whose state is a `SEAState` ->
+    (context (N,H,T,d), the new SEAState). T > 1 is a prefill from slot 0 (the full forward);
+    T == 1 one decode step over the kept keys only."""
+    keys_per_head = _static_k(self.k if sea_k is None else sea_k)
+    if q.shape[2] > 1:
+      return self._prefill(q, k, v, cache, keys_per_head)
+    return self._step(q, k, v, cache, keys_per_head)
+
+  def _prefill(self, q, k, v, cache, keys_per_head):
+    N, H, T, d = q.shape
+    lengths, offsets, valid = _prefill_rows(cache, T)
+    q, k, v = (to_right_padding(x, offsets) for x in (q, k, v))
+    context, _, history = self._forward(q, k, v, keys_per_head, return_history=True)
+    wide = jnp.promote_types(v.dtype, jnp.float32)
+    table = position_values(self.positions[...], T, self.max_positions).astype(wide)
+    v_cat = jnp.concatenate([jnp.broadcast_to(table, (N, H, T, d)),
+                             repeat_kv(v, H).astype(wide)], axis=-1)
+    S, z = linear_attention_state(relu_features(repeat_kv(k, H), self.features[...]), v_cat,
+                                  valid)
+    old = cache.state
+    state = SEAState(
+        performer=PerformerState(S=S.astype(old.performer.S.dtype), z=z.astype(old.performer.z.dtype)),
+        v_sum=jnp.sum(jnp.where(valid[..., None], v.astype(wide), 0.0), axis=2).astype(
+            old.v_sum.dtype),
+        history=tuple(history_at(h, lengths, HISTORY_ROWS).astype(o.dtype)
+                      for h, o in zip(history, old.history)))
+    return to_left_padding(context, offsets), state
+
+  def _step(self, q, k, v, cache, keys_per_head):
+    N, H, _, d = q.shape
+    t, offsets = _step_rows(cache)
+    state = cache.state
+    k_heads, v_heads = repeat_kv(k, H), repeat_kv(v, H)  # (N, H, 1, d)
+    wide = jnp.promote_types(v.dtype, jnp.float32)
+    with jax.named_scope("sea_performer"):
+      W = self.features[...]
+      pos = position_values_at(self.positions[...], t, self.max_positions).astype(wide)
+      v_cat = jnp.concatenate([jnp.broadcast_to(pos[:, None, None], (N, H, 1, d)),
+                               v_heads.astype(wide)], axis=-1)
+      c_perf, (S, z) = linear_attention_step(relu_features(q, W), relu_features(k_heads, W),
+                                             v_cat, (state.performer.S, state.performer.z))
+    z_in = jnp.concatenate([c_perf.astype(self.dtype), v_heads.astype(self.dtype)], axis=-1)
+    est_logits, s_prob, s_mix, history = self.estimator.step(z_in, state.history)
+    with jax.named_scope("sea_topk"):
+      probs = jax.nn.softmax(est_logits[:, :, 0].astype(jnp.promote_types(est_logits.dtype,
+                                                                          jnp.float32)), -1)
+      mask = grouped_topk_row(probs, t, keys_per_head)
+    with jax.named_scope("sea_sparse"):
+      length = kept_key_bound(cache.k.shape[2], H, self.K, keys_per_head)
+      c_sparse = attend_kept(q[:, :, 0], cache.k, cache.v, mask, t, offsets, length)
+      c_sparse = s_prob[..., None] * c_sparse[:, :, None].astype(s_prob.dtype)
+    with jax.named_scope("sea_mix"):
+      v_sum = state.v_sum + v[:, :, 0].astype(state.v_sum.dtype)
+      mean = repeat_kv((v_sum / (t + 1).astype(v_sum.dtype)[:, None, None])[:, :, None], H)
+      context = s_mix[..., None] * c_sparse + (1.0 - s_mix[..., None]) * mean
+    return context.astype(v.dtype), SEAState(performer=PerformerState(S=S, z=z), v_sum=v_sum,
+                                             history=history)
 
 
 class PerformerAttention(nnx.Module):
@@ -196,3 +307,26 @@ class PerformerAttention(nnx.Module):
       context = context.astype(v.dtype)
     aux = {"q": q, "k": k, "context": context} if return_aux else {}
     return context, aux
+
+  @classmethod
+  def decode_state(cls, shape: AttentionShape, batch: int) -> PerformerState:
+    m = num_random_features(shape.head_dim, shape.sea.nbf)
+    return PerformerState(S=jnp.zeros((batch, shape.num_heads, m, shape.head_dim), jnp.float32),
+                          z=jnp.zeros((batch, shape.num_heads, m), jnp.float32))
+
+  def cached(self, q, k, v, cache, *, sea_k=None):
+    """As `SEAAttention.cached`, with the running sums as the whole state (O(m·d) per step)."""
+    del sea_k
+    H, T = q.shape[1], q.shape[2]
+    W = self.features[...]
+    if T > 1:
+      _, offsets, valid = _prefill_rows(cache, T)
+      q, k, v = (to_right_padding(x, offsets) for x in (q, k, v))
+      context, _ = self(q, k, v)
+      S, z = linear_attention_state(relu_features(repeat_kv(k, H), W), repeat_kv(v, H), valid)
+      return to_left_padding(context, offsets), PerformerState(S=S, z=z)
+    with jax.named_scope("performer_attention"):
+      context, (S, z) = linear_attention_step(
+          relu_features(q, W), relu_features(repeat_kv(k, H), W), repeat_kv(v, H),
+          (cache.state.S, cache.state.z))
+    return context.astype(v.dtype), PerformerState(S=S, z=z)

@@ -89,3 +89,25 @@ def causal_linear_attention(phi_q: jax.Array, phi_k: jax.Array, v: jax.Array,
   _, out = jax.lax.scan(body, init, (to_chunks(phi_q), to_chunks(phi_k), to_chunks(v)))
   out = jnp.moveaxis(out, 0, -3).reshape(*lead, n_chunks * chunk, e)
   return out[..., :T, :]
+
+
+def linear_attention_state(phi_k: jax.Array, v: jax.Array, valid: jax.Array):
+  """The running sums after a prefix: S = Σ φk_j v_jᵀ (..., m, e) and z = Σ φk_j (..., m) over
+  the rows j with valid (..., T) True; phi_k (..., T, m), v (..., T, e); fp32 (fp64)."""
+  dtype = jnp.result_type(jnp.float32, phi_k.dtype, v.dtype)
+  phi_k = jnp.where(valid[..., None], phi_k.astype(dtype), 0.0)
+  return jnp.einsum("...tm,...te->...me", phi_k, v.astype(dtype)), jnp.sum(phi_k, axis=-2)
+
+
+def linear_attention_step(phi_q: jax.Array, phi_k: jax.Array, v: jax.Array, state):
+  """One new row of `causal_linear_attention` from its running sums (decoding, O(m·e) work):
+  phi_q, phi_k (..., 1, m), v (..., 1, e), state (S (..., m, e), z (..., m)) -> (C (..., 1, e),
+  the state with the new row added)."""
+  S, z = state
+  dtype = S.dtype
+  phi_q, phi_k, v = phi_q.astype(dtype), phi_k.astype(dtype), v.astype(dtype)
+  S = S + jnp.einsum("...sm,...se->...me", phi_k, v)
+  z = z + jnp.sum(phi_k, axis=-2)
+  num = jnp.einsum("...tm,...me->...te", phi_q, S)
+  den = jnp.einsum("...tm,...m->...t", phi_q, z) + DENOM_EPS
+  return num / den[..., None], (S, z)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sea_jax.sea.bins import bin_index, nonempty_bins
+from sea_jax.sea.bins import bin_index, bin_start, nonempty_bins
 
 
 def check_k(k) -> None:
@@ -18,8 +18,13 @@ def row_budget(T: int, H: int, K: int, k) -> jax.Array:
 
   k may be a Python int or a traced integer scalar.
   """
+  return budget_at(jnp.arange(T, dtype=jnp.int32), H, K, k)
+
+
+def budget_at(t: jax.Array, H: int, K: int, k) -> jax.Array:
+  """`row_budget` of the rows t (any shape, int32, maybe traced) -> same shape int32."""
   check_k(k)
-  q = jnp.arange(1, T + 1, dtype=jnp.int32)
+  q = jnp.asarray(t, jnp.int32) + 1
   num = jnp.asarray(k, jnp.int32) * (H * K)
   floor, rem = num // q, num % q
   up = (2 * rem > q) | ((2 * rem == q) & (floor % 2 == 1))
@@ -60,11 +65,28 @@ def grouped_topk_mask(est_probs: jax.Array, k) -> jax.Array:
   return keep & nonempty[None, None]
 
 
+def grouped_topk_row(est_probs: jax.Array, t: jax.Array, k) -> jax.Array:
+  """The compressed mask of one row per batch element (decoding): Â (N,H,K) of rows t (N,)
+  int32 -> M̂ (N,H,K) bool, the same cells `grouped_topk_mask` keeps in row t of a sequence."""
+  check_k(k)
+  N, H, K = est_probs.shape
+  b = jnp.arange(K, dtype=jnp.int32)[None]
+  nonempty = bin_start(t[:, None], b + 1, K) > bin_start(t[:, None], b, K)  # (N, K)
+  probs = jax.lax.stop_gradient(est_probs)
+  probs = probs.astype(jnp.promote_types(probs.dtype, jnp.float32))
+  score = jnp.where(nonempty[:, None], probs, -1.0).reshape(N, 1, H * K)
+  cells = jax.lax.broadcasted_iota(jnp.int32, score.shape, 2)
+  thr, cell_thr = _thresholds_by_sort(score, cells, budget_at(t, H, K, k)[:, None])
+  keep = (score > thr) | ((score == thr) & (cells <= cell_thr))
+  return keep.reshape(N, H, K) & nonempty[:, None]
+
+
 def _thresholds_by_sort(score, cells, budget):
-  """One sort of (-score, cell) pairs per row (any budget, traced k included)."""
+  """One sort of (-score, cell) pairs per row (any budget, traced k included); budget (T,) for
+  every batch element or (N, T)."""
   N, T, _ = score.shape
   neg_sorted, cells_sorted = jax.lax.sort((-score, cells), dimension=2, num_keys=2)
-  last = jnp.broadcast_to((budget - 1)[None, :, None], (N, T, 1))
+  last = jnp.broadcast_to(jnp.broadcast_to(budget - 1, (N, T))[..., None], (N, T, 1))
   thr = -jnp.take_along_axis(neg_sorted, last, axis=2)
   return thr, jnp.take_along_axis(cells_sorted, last, axis=2)
 
