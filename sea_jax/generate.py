@@ -313,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "fresh, untrained modules)")
   p.add_argument("--sea-k", type=int, default=None,
                  help="SEA keys per query per head (default: the model's k)")
+  p.add_argument("--mesh", default=None,
+                 help="device mesh, e.g. data=2 or data=2,tensor=2: the model's parameters and "
+                      "the cache are sharded by the logical-axis table (default: one device)")
   add_debug_flag(p)
   return p
 
@@ -339,12 +342,13 @@ def _run(args) -> int:
   check_prompts([prompt], config, args.max_new_tokens)  # before any weight is read
   if config.attention != "sea" and args.sea_k is not None:
     print(f"note: --sea-k has no effect on {config.attention} attention", file=sys.stderr)
-  model = checkpoint.load_pretrained(args.model, **_overrides(args))
+  mesh = shd.make_mesh(args.mesh) if args.mesh else None
+  model = checkpoint.load_pretrained(args.model, mesh, **_overrides(args))
   shown = _TextStream(tokenizer)
   new, decode_s, prefill_s, stop = [], 0.0, 0.0, "length"
   for step in stream(model, [prompt], max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                     sea_k=args.sea_k):
+                     sea_k=args.sea_k, mesh=mesh):
     new.append(int(step.tokens[0]))
     shown.add(new[-1])
     if step.index == 0:
@@ -366,7 +370,7 @@ def _run(args) -> int:
       "prefill_seconds": round(prefill_s, 4), "decode_seconds": round(decode_s, 4),
       "tokens_per_s": (len(new) - 1) / decode_s if decode_s > 0 else None,
       "peak_memory_bytes": peak_device_memory(), "host_peak_rss_bytes": host_peak_rss(),
-      "backend": jax.default_backend(),
+      "backend": jax.default_backend(), "mesh": dict(mesh.shape) if mesh is not None else None,
   }
   print(json.dumps(line), flush=True)
   return 0

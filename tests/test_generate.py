@@ -238,14 +238,17 @@ def test_incremental_steps_equal_the_forward_of_each_row(kind, sea_student, llam
       assert step.tokens[n] == want.argmax()
 
 
-def test_sharded_generation_equals_single_device(tmp_path):
-  """Model and cache on a data=2, fsdp=2, tensor=2 mesh; 3 prompts (the batch is padded to 4)."""
+@pytest.mark.parametrize("attention", ["dense", "sea"])
+def test_sharded_generation_equals_single_device(attention, tmp_path):
+  """Model and cache (with SEA's decode state) on a data=2, fsdp=2, tensor=2 mesh; 3 prompts
+  (the batch is padded to 4)."""
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
   save_tiny_llama(str(tmp_path / "hf"), "llama", seed=14)
-  convert.hf_to_model_folder(str(tmp_path / "hf"), str(tmp_path / "sj"))
+  convert.hf_to_model_folder(str(tmp_path / "hf"), str(tmp_path / "sj"), attention=attention,
+                             sea=SEAConfig(K=8, k=1))
   mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
-  prompts = [[2, 5, 6], [2, 7, 8, 9, 10, 11], [2, 99]]
+  prompts = [[2, 5, 6], [2, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [2, 99]]
   single = gen.generate(checkpoint.load_model(str(tmp_path / "sj")), prompts, max_new_tokens=5)
   sharded_model = checkpoint.load_model(str(tmp_path / "sj"), mesh)
   assert gen.generate(sharded_model, prompts, max_new_tokens=5, mesh=mesh) == single
@@ -275,6 +278,17 @@ def test_cli_prints_one_json_line_and_streams_text(opt):
   assert line["new_tokens"] == gen.generate(model, [prompts[1]], max_new_tokens=6)[0]
   assert line["tokens_per_s"] > 0 and line["text"]
   assert line["text"].strip() in proc.stderr
+
+
+def test_cli_mesh_gives_the_same_tokens(opt):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  _, _, folder, prompts = opt
+  _, line = run_cli("--model", folder, "--prompt", TEXTS[0], "--max-new-tokens", 4, "--mesh",
+                    "data=2,fsdp=2,tensor=2")
+  assert line["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert line["new_tokens"] == gen.generate(checkpoint.load_model(folder), [prompts[0]],
+                                            max_new_tokens=4)[0]
 
 
 def test_cli_sea_student_reports_its_k(sea_student, tmp_path):
