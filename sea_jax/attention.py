@@ -15,9 +15,10 @@ distillation losses need; "k" keeps its Hkv heads) and, for SEA, the estimator o
 (SEA_SPEC §1.7). Cores are built from the family-neutral `AttentionShape` and the SEA settings,
 never from a family's config; implementations register themselves in `ATTENTION_CORES` by name.
 
-Generation (`sea_jax.generate`) keeps a dense KV cache: `KVCache` holds every layer's k, v at
-preallocated slots, and `cached_attention` writes a layer's new k, v into its slots and attends
-the new queries to every written slot (dense cores only).
+Generation (`sea_jax.generate`) keeps a KV cache: `KVCache` holds every layer's k, v at
+preallocated slots (and SEA / Performer layers' decode state), and `cached_attention` writes a
+layer's new k, v into its slots; dense cores attend the new queries to every written slot,
+SEA and Performer cores step from their state (`sea_jax.sea.decode`).
 """
 from __future__ import annotations
 
