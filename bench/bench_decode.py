@@ -11,6 +11,7 @@ Reported: the median of `--steps` decode steps, tokens/s, the step's compiled te
 (`memory_analysis()`) and the cache's bytes (k, v and SEA's state: the step's arguments).
 
   python bench/bench_decode.py [--contexts 2048 8192 32768] [--steps 20] [--out F]
+  python bench/bench_decode.py --family opt --contexts 2000   # opt-125m's shape, up to 2k
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_long_context import config  # noqa: E402
+from bench_long_context import config as llama_config  # noqa: E402
+from sea_jax.config import OPTConfig, SEAConfig  # noqa: E402
 from sea_jax import checkpoint  # noqa: E402
 from sea_jax import generate as gen  # noqa: E402
 from sea_jax.attention import KVCache  # noqa: E402
@@ -49,8 +51,17 @@ def random_cache(cfg, context: int, extra: int) -> KVCache:
                  states=cache.states)
 
 
-def decode_row(attention: str, context: int, steps: int) -> dict:
-  cfg = config(attention, context + steps + 1)
+def opt_config(attention: str, T: int) -> OPTConfig:
+  """opt-125m's shape (12 layers, d_model 768, 12 heads, vocab 50272), SEA K = 256, k = 64."""
+  del T
+  return OPTConfig(attention=attention, dropout=0.0, sea=SEAConfig(K=256, k=64, sparse_impl="xla"))
+
+
+FAMILIES = {"llama": (llama_config, 8), "opt": (opt_config, 12)}  # config, query heads
+
+
+def decode_row(attention: str, context: int, steps: int, family: str = "llama") -> dict:
+  cfg = FAMILIES[family][0](attention, context + steps + 1)
   graph, state = nnx.split(checkpoint.build_model(cfg, nnx.Rngs(0)))
   cache = random_cache(cfg, context, steps + 1)
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
@@ -75,22 +86,26 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768])
   p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--family", default="llama", choices=sorted(FAMILIES),
+                 help="llama: the small long-context Llama; opt: opt-125m's shape (contexts "
+                      "below 2048 only)")
   p.add_argument("--out", default=None, help="also write the markdown table here")
   args = p.parse_args()
   mib = 2**20
-  lines = [f"Decode, batch 1, fp32 ({datetime.date.today()}, jax {jax.__version__}, "
+  lines = [f"Decode ({args.family}), batch 1, fp32 ({datetime.date.today()}, jax {jax.__version__}, "
            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
            f"{jax.default_backend()}), median of {args.steps} steps:", "",
            "| context | dense step | dense tokens/s | SEA step | SEA tokens/s | SEA / dense "
            "time | SEA kept pairs (bound) / dense keys per layer | dense temp / cache MiB | "
            "SEA temp / cache MiB |", "|---|---|---|---|---|---|---|---|---|"]
   for context in args.contexts:
-    d = decode_row("dense", context, args.steps)
-    s = decode_row("sea", context, args.steps)
-    bound = kept_key_bound(context + args.steps + 1, 8, 256, 64)
+    d = decode_row("dense", context, args.steps, args.family)
+    s = decode_row("sea", context, args.steps, args.family)
+    H = FAMILIES[args.family][1]
+    bound = kept_key_bound(context + args.steps + 1, H, 256, 64)
     lines.append(f"| {context} | {d['step_s'] * 1e3:.2f} ms | {d['tokens_per_s']:.1f} | "
                  f"{s['step_s'] * 1e3:.2f} ms | {s['tokens_per_s']:.1f} | "
-                 f"{s['step_s'] / d['step_s']:.2f} | {bound} / {8 * (context + 1)} | "
+                 f"{s['step_s'] / d['step_s']:.2f} | {bound} / {H * (context + 1)} | "
                  f"{d['temp'] / mib:.1f} / {d['cache'] / mib:.1f} | "
                  f"{s['temp'] / mib:.1f} / {s['cache'] / mib:.1f} |")
     print(lines[-1], flush=True)
