@@ -30,8 +30,13 @@ def bin_start(t, b, K: int):
 
 def bin_bounds(T: int, K: int):
   """(starts, ends), each (T, K) int32: bin b of row t covers keys [starts[t,b], ends[t,b])."""
-  t = jnp.arange(T, dtype=jnp.int32)[:, None]
-  b = jnp.arange(K, dtype=jnp.int32)[None, :]
+  return row_bounds(jnp.arange(T, dtype=jnp.int32), K)
+
+
+def row_bounds(t, K: int):
+  """`bin_bounds` of the rows t (any shape S, int32, maybe traced): (starts, ends) (*S, K)."""
+  t = jnp.asarray(t, jnp.int32)[..., None]
+  b = jnp.arange(K, dtype=jnp.int32)
   return bin_start(t, b, K), bin_start(t, b + 1, K)
 
 

@@ -3,7 +3,7 @@ attention of one new query row over only the kept keys of a KV cache.
 
 A decoder keeps, per SEA layer, beside the dense k, v cache (which the kept keys are gathered
 from): the Performer branch's running sums S = Σ φk_j [P_j; v_j]ᵀ and z = Σ φk_j (O(m·d) work
-per new token), the running sum of v for the causal mean, and the last `MaskCNN.history_rows`
+per new token), the running sum of v for the causal mean, and the last `estimator.HISTORY_ROWS`
 rows of each causal conv's input (the CNN's receptive field). A new row t then costs its
 estimator row, one grouped top-k over its H·K cells and attention over its kept keys: the
 cells' keys are laid out as one list of (head, key) pairs whose static length
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sea_jax.sea.bins import bin_start
+from sea_jax.sea.bins import row_bounds
 from sea_jax.sea.topk import static_row_budget
 
 
@@ -48,18 +48,21 @@ jax.tree_util.register_dataclass(SEAState, data_fields=["performer", "v_sum", "h
                                  meta_fields=[])
 
 
+def _roll_rows(x: jax.Array, shift: jax.Array) -> jax.Array:
+  """x (N,C,T,...) with row n's axis 2 read from index (s + shift[n]) mod T."""
+  T = x.shape[2]
+  idx = (jnp.arange(T, dtype=jnp.int32)[None] + shift[:, None]) % T  # (N, T)
+  return jnp.take_along_axis(x, idx.reshape(idx.shape[0], 1, T, *([1] * (x.ndim - 3))), axis=2)
+
+
 def to_right_padding(x: jax.Array, offsets: jax.Array) -> jax.Array:
   """Rows left-padded by offsets (N,) along axis 2 of x (N,C,T,...) -> shifted to start at 0."""
-  T = x.shape[2]
-  idx = (jnp.arange(T, dtype=jnp.int32)[None] + offsets[:, None]) % T  # (N, T)
-  return jnp.take_along_axis(x, idx.reshape(idx.shape[0], 1, T, *([1] * (x.ndim - 3))), axis=2)
+  return _roll_rows(x, offsets)
 
 
 def to_left_padding(x: jax.Array, offsets: jax.Array) -> jax.Array:
   """The inverse of `to_right_padding`."""
-  T = x.shape[2]
-  idx = (jnp.arange(T, dtype=jnp.int32)[None] - offsets[:, None]) % T
-  return jnp.take_along_axis(x, idx.reshape(idx.shape[0], 1, T, *([1] * (x.ndim - 3))), axis=2)
+  return _roll_rows(x, -offsets)
 
 
 def kept_key_bound(L: int, H: int, K: int, k: int) -> int:
@@ -84,9 +87,8 @@ def kept_pairs(mask: jax.Array, t: jax.Array, length: int):
   must be >= the row's kept keys (`kept_key_bound`).
   """
   N, H, K = mask.shape
-  b = jnp.arange(K, dtype=jnp.int32)[None]
-  starts = bin_start(t[:, None], b, K)  # (N, K)
-  widths = bin_start(t[:, None], b + 1, K) - starts
+  starts, ends = row_bounds(t, K)  # (N, K)
+  widths = ends - starts
   count = jnp.where(mask, widths[:, None], 0).reshape(N, H * K)
   upto = jnp.cumsum(count, axis=-1)  # keys of cells 0..c
   slot = jnp.arange(length, dtype=jnp.int32)

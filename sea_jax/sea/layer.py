@@ -103,6 +103,14 @@ def position_values_at(table: jax.Array, positions: jax.Array, max_positions: in
   return table[lo] * (1 - w) + table[hi] * w
 
 
+def _performer_values(pos: jax.Array, v_heads: jax.Array) -> jax.Array:
+  """The Performer branch's values [P rows; v] (N,H,T,2d) in fp32 (fp64): pos broadcastable
+  to v_heads (N,H,T,d)."""
+  wide = jnp.promote_types(v_heads.dtype, jnp.float32)
+  return jnp.concatenate([jnp.broadcast_to(pos.astype(wide), v_heads.shape),
+                          v_heads.astype(wide)], axis=-1)
+
+
 def _static_k(keys_per_head) -> int:
   if not isinstance(keys_per_head, (int, np.integer)):
     raise ConfigError("decoding with SEA needs a Python int sea_k (the kept-key list's length "
@@ -183,10 +191,8 @@ class SEAAttention(nnx.Module):
 
     with jax.named_scope("sea_performer"):
       W = self.features[...]
-      wide = jnp.promote_types(v.dtype, jnp.float32)
       table = position_values(self.positions[...], T, self.max_positions)
-      pos = jnp.broadcast_to(table.astype(wide), (N, H, T, d))
-      v_cat = jnp.concatenate([pos, v_heads.astype(wide)], axis=-1)
+      v_cat = _performer_values(table, v_heads)
       c_perf = causal_linear_attention(relu_features(q, W), relu_features(k_heads, W), v_cat,
                                        self.performer_chunk)
     z_in = jnp.concatenate([c_perf.astype(self.dtype), v_heads.astype(self.dtype)], axis=-1)
@@ -236,9 +242,8 @@ class SEAAttention(nnx.Module):
     q, k, v = (to_right_padding(x, offsets) for x in (q, k, v))
     context, _, history = self._forward(q, k, v, keys_per_head, return_history=True)
     wide = jnp.promote_types(v.dtype, jnp.float32)
-    table = position_values(self.positions[...], T, self.max_positions).astype(wide)
-    v_cat = jnp.concatenate([jnp.broadcast_to(table, (N, H, T, d)),
-                             repeat_kv(v, H).astype(wide)], axis=-1)
+    table = position_values(self.positions[...], T, self.max_positions)
+    v_cat = _performer_values(table, repeat_kv(v, H))
     S, z = linear_attention_state(relu_features(repeat_kv(k, H), self.features[...]), v_cat,
                                   valid)
     old = cache.state
@@ -255,12 +260,10 @@ class SEAAttention(nnx.Module):
     t, offsets = _step_rows(cache)
     state = cache.state
     k_heads, v_heads = repeat_kv(k, H), repeat_kv(v, H)  # (N, H, 1, d)
-    wide = jnp.promote_types(v.dtype, jnp.float32)
     with jax.named_scope("sea_performer"):
       W = self.features[...]
-      pos = position_values_at(self.positions[...], t, self.max_positions).astype(wide)
-      v_cat = jnp.concatenate([jnp.broadcast_to(pos[:, None, None], (N, H, 1, d)),
-                               v_heads.astype(wide)], axis=-1)
+      pos = position_values_at(self.positions[...], t, self.max_positions)
+      v_cat = _performer_values(pos[:, None, None], v_heads)
       c_perf, (S, z) = linear_attention_step(relu_features(q, W), relu_features(k_heads, W),
                                              v_cat, (state.performer.S, state.performer.z))
     z_in = jnp.concatenate([c_perf.astype(self.dtype), v_heads.astype(self.dtype)], axis=-1)

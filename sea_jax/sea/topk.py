@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sea_jax.sea.bins import bin_index, bin_start, nonempty_bins
+from sea_jax.sea.bins import bin_index, nonempty_bins, row_bounds
 
 
 def check_k(k) -> None:
@@ -70,8 +70,8 @@ def grouped_topk_row(est_probs: jax.Array, t: jax.Array, k) -> jax.Array:
   int32 -> M̂ (N,H,K) bool, the same cells `grouped_topk_mask` keeps in row t of a sequence."""
   check_k(k)
   N, H, K = est_probs.shape
-  b = jnp.arange(K, dtype=jnp.int32)[None]
-  nonempty = bin_start(t[:, None], b + 1, K) > bin_start(t[:, None], b, K)  # (N, K)
+  starts, ends = row_bounds(t, K)
+  nonempty = ends > starts  # (N, K)
   probs = jax.lax.stop_gradient(est_probs)
   probs = probs.astype(jnp.promote_types(probs.dtype, jnp.float32))
   score = jnp.where(nonempty[:, None], probs, -1.0).reshape(N, 1, H * K)
