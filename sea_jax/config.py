@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from sea_jax.errors import UserError
 
 ATTENTION_KINDS = ("dense", "sea", "performer")
-SPARSE_IMPLS = ("auto", "xla", "pallas")
+SPARSE_IMPLS = ("auto", "xla", "blocked", "pallas")
 DENSE_IMPLS = ("auto", "reference", "chunked", "cudnn")
 MAX_POSITION_ROWS = 8192  # default cap on the rows of SEA's position table P (SEAConfig)
 
@@ -32,7 +32,10 @@ class SEAConfig:
   nbf: Performer feature ratio, m = int(d * ln(d) / nbf) random features.
   performer_chunk: time chunk of the causal linear attention prefix sums.
   query_block: query rows per block in the pure-JAX sparse attention.
-  sparse_impl: "xla" (pure JAX), "pallas" (kernel) or "auto" (pallas on GPU/TPU, xla on CPU).
+  sparse_impl: "xla" (pure JAX tile list, work follows the kept tiles), "blocked" (pure JAX,
+    every key per query block: quadratic work, linear memory, cheaper on CPU at short T),
+    "pallas" (kernel) or "auto" (pallas on GPU/TPU; on CPU blocked below
+    `sea.layer.AUTO_TILE_MIN_BLOCKS` query blocks, xla from there).
   jitter: the reference's training-only key-rank noise (10% of calls); off by default.
   seed: seed of the fixed orthogonal random features and the fresh SEA parameters.
   position_rows: rows of the Performer branch's learned value table P (None = the model's

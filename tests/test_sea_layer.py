@@ -319,3 +319,22 @@ def test_position_table_interpolates_beyond_its_rows():
   q, k, v = random_qkv(rng, 1, 2, 300, 16)
   out, _ = run(layer, q, k, v)
   assert bool(jnp.isfinite(out).all())
+
+
+def test_auto_picks_blocked_below_the_tile_threshold_and_every_impl_agrees():
+  from sea_jax.sea.layer import AUTO_TILE_MIN_BLOCKS, resolve_sparse_impl
+  assert jax.default_backend() == "cpu"
+  assert resolve_sparse_impl("auto", 512, 128) == "blocked"
+  assert resolve_sparse_impl("auto", AUTO_TILE_MIN_BLOCKS * 128, 128) == "xla"
+  assert resolve_sparse_impl("auto", AUTO_TILE_MIN_BLOCKS * 128 - 127, 128) == "xla"
+  assert resolve_sparse_impl("auto", AUTO_TILE_MIN_BLOCKS * 128 - 128, 128) == "blocked"
+  assert resolve_sparse_impl("xla", 64, 128) == "xla"
+  keys = jax.random.split(jax.random.key(3), 4)
+  q, k, v = (jax.random.normal(keys[i], (2, 4, 37, 8)) for i in range(3))
+  mask = jax.random.bernoulli(keys[3], 0.3, (2, 4, 37, 8))
+  outs = {impl: sparse_dispatch(impl, q, k, v, mask, query_block=8)
+          for impl in ("auto", "xla", "blocked")}
+  for impl in ("auto", "blocked"):
+    np.testing.assert_allclose(outs[impl], outs["xla"], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ConfigError, match="blocked"):
+    sparse_dispatch("nope", q, k, v, mask, query_block=8)

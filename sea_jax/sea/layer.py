@@ -22,7 +22,7 @@ from sea_jax.sea.estimator import HISTORY_ROWS, Estimator, history_at
 from sea_jax.sea.performer import (causal_linear_attention, linear_attention_state,
                                    linear_attention_step, num_random_features,
                                    orthogonal_random_features, relu_features)
-from sea_jax.sea.sparse import sparse_attention
+from sea_jax.sea.sparse import sparse_attention, sparse_attention_reference
 from sea_jax.sea.topk import check_k, grouped_topk_mask, grouped_topk_row
 
 class RandomFeatures(nnx.Variable):
@@ -44,15 +44,34 @@ def _pallas_sparse(q, k, v, compressed_mask):
   return pallas_sparse_attention(q, k, v, compressed_mask)
 
 
-def sparse_dispatch(impl: str, q, k, v, compressed_mask, *, query_block: int):
-  """Runs the sparse attention implementation `impl` ("xla", "pallas" or "auto")."""
+# On CPU the tile list's per-tile scan costs more than it saves below this many query blocks:
+# one SEA distillation step of the small recipe (T = 512, 4 query blocks) runs 1.66x faster
+# with the blocked form, and the tile list wins from T = 2048 at opt-125m's heads (0.71x the
+# blocked form's fwd+bwd; 0.51x at 4096). BENCHMARKS.md, "Which sparse path auto picks".
+AUTO_TILE_MIN_BLOCKS = 16
+
+
+def resolve_sparse_impl(impl: str, T: int, query_block: int) -> str:
+  """The implementation `impl` runs on this backend at length T: "auto" is pallas on GPU/TPU,
+  and on CPU the tile list ("xla") from AUTO_TILE_MIN_BLOCKS query blocks, "blocked" below."""
   if impl == "auto":
-    impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+    if jax.default_backend() in ("gpu", "tpu"):
+      return "pallas"
+    return "xla" if -(-T // max(1, query_block)) >= AUTO_TILE_MIN_BLOCKS else "blocked"
+  return impl
+
+
+def sparse_dispatch(impl: str, q, k, v, compressed_mask, *, query_block: int):
+  """Runs the sparse attention implementation `impl` ("auto", "xla", "blocked" or "pallas");
+  q (N,H,T,d), k, v (N,Hkv,T,d), M̂ (N,H,T,K) -> (N,H,T,d). All give the same result."""
+  impl = resolve_sparse_impl(impl, q.shape[2], query_block)
   if impl == "xla":
     return sparse_attention(q, k, v, compressed_mask, query_block=query_block)
+  if impl == "blocked":
+    return sparse_attention_reference(q, k, v, compressed_mask, query_block=query_block)
   if impl == "pallas":
     return _pallas_sparse(q, k, v, compressed_mask)
-  raise ConfigError(f"unknown sparse_impl {impl!r}; choose 'auto', 'xla' or 'pallas'")
+  raise ConfigError(f"unknown sparse_impl {impl!r}; choose 'auto', 'xla', 'blocked' or 'pallas'")
 
 
 def causal_mean(v: jax.Array) -> jax.Array:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from sea_jax.config import SPARSE_IMPLS
 from sea_jax.errors import add_debug_flag
 from sea_jax.training.settings import TrainError, config_file
 
@@ -66,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "train at --sea-k only, as the paper)")
   g.add_argument("--sea-K", type=int, help="SEA compressed width, a multiple of 4 (default: "
                                            "the checkpoint's, 256)")
-  g.add_argument("--sparse-impl", choices=("auto", "xla", "pallas"),
-                 help="SEA sparse attention implementation (default auto)")
+  g.add_argument("--sparse-impl", choices=SPARSE_IMPLS,
+                 help="SEA sparse attention: xla (tile list), blocked (every key per query "
+                      "block), pallas; default auto: pallas on GPU/TPU, on CPU blocked below "
+                      "16 query blocks, xla from there")
   g.add_argument("--dense-impl", choices=("auto", "reference", "chunked", "cudnn"),
                  help="dense attention (teacher and dense layers): T x T reference, chunked, "
                       "cuDNN (GPU); default auto")
