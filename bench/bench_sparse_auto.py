@@ -1,0 +1,135 @@
+"""Which pure-JAX sparse path `sparse_impl="auto"` should pick on CPU, measured side by side.
+
+  python bench/bench_sparse_auto.py [--lengths 512 1024 2048 4096] [--step] [--out F]
+
+1. fwd+bwd of `sparse_attention` (the tile list, "xla") against `sparse_attention_reference`
+   (every key per query block, "blocked") on coherent SEA masks, at the small recipe's heads
+   (N=8, H=8, d=32, K=64, k=32) and opt-125m's (N=1, H=12, d=64, K=256, k=64);
+2. with --step: one whole distillation step of the small recipe (4 layers, d_model 256, 8 heads,
+   vocabulary 8192, T=512, batch 8, K=64, k=32: teacher forward, student forward + backward,
+   every loss, AdamW) for the dense pre-training step, the Performer student and the SEA student
+   with either path.
+Ratios are within one run. `sea_jax.sea.layer.AUTO_TILE_MIN_BLOCKS` is set from these figures.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench_sea_cpu import best_time, fwd_bwd  # noqa: E402
+from bench_sparse_attention import make_mask  # noqa: E402
+from sea_jax.sea.sparse import sparse_attention, sparse_attention_reference  # noqa: E402
+
+SHAPES = {"recipe (N=8, H=8, d=32, K=64, k=32)": (8, 8, 32, 64, 32),
+          "opt-125m (N=1, H=12, d=64, K=256, k=64)": (1, 12, 64, 256, 64)}
+
+
+def path_rows(lengths, repeats):
+  rows = []
+  for label, (N, H, D, K, k) in SHAPES.items():
+    for T in lengths:
+      keys = jax.random.split(jax.random.key(0), 5)
+      q, kk, v, w = (jax.random.normal(keys[i], (N, H, T, D)) for i in range(4))
+      cm = make_mask(keys[4], "sea", N, H, T, K, k)
+      args = (q * D ** -0.5, kk, v, cm, w)
+      tile = best_time(fwd_bwd(lambda *a: sparse_attention(*a)), args, repeats)
+      blocked = best_time(fwd_bwd(lambda *a: sparse_attention_reference(*a)), args, repeats)
+      rows.append({"shape": label, "T": T, "xla": tile, "blocked": blocked})
+      print(rows[-1], file=sys.stderr, flush=True)
+  return rows
+
+
+def step_time(attention: str, mode: str, impl: str, steps: int) -> float:
+  from sea_jax import sharding as shd
+  from sea_jax.config import OPTConfig, SEAConfig
+  from sea_jax.training import models, optimizer
+  from sea_jax.training.step import StepSpec, base_rng, build_train_step, init_opt_state
+  cfg = OPTConfig(vocab_size=8192, num_hidden_layers=4, hidden_size=256, num_attention_heads=8,
+                  ffn_dim=1024, max_position_embeddings=512, word_embed_proj_dim=256,
+                  dropout=0.0, attention=attention, sea=SEAConfig(K=64, k=32, sparse_impl=impl))
+  mesh = shd.make_mesh(None, jax.devices()[:1])
+  student = models.ModelBridge(cfg)
+  teacher = models.ModelBridge(dataclasses.replace(cfg, attention="dense"))
+  tx = optimizer.make_optimizer({"sea": 1e-3, "pretrained": 3e-5}, 0.01)
+  p_sh, _ = student.shardings(mesh)
+  opt_sh = optimizer.opt_state_shardings(tx, student.abstract_params, p_sh, mesh)
+  B, T = 8, 512
+  step = build_train_step(StepSpec(mode, batch_size=B, micro_batch_size=B, seq_len=T, K=64),
+                          student, teacher, tx, mesh, opt_sh)
+  params, rest = models.fresh_weights(student, mesh)
+  tp, tr = models.fresh_weights(teacher, mesh)
+  state = {"params": params, "rest": rest, "opt": init_opt_state(tx, params, opt_sh),
+           "step": jnp.int32(0), "rng": base_rng(0)}
+  batch = jax.device_put(np.random.default_rng(0).integers(4, 8000, (B, T + 1), np.int32),
+                         step.batch_sharding)
+  compiled = step.fn.lower(state, {"params": tp, "rest": tr}, batch).compile()
+  times = []
+  for i in range(steps + 1):  # the first call is a warm-up
+    start = time.perf_counter()
+    state, metrics = compiled(state, {"params": tp, "rest": tr}, batch)
+    jax.block_until_ready(metrics)
+    if i:
+      times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def step_rows(steps):
+  runs = [("dense pre-training step", "dense", "pretrain", "auto"),
+          ("Performer student", "performer", "distill", "auto"),
+          ("SEA student, tile list (xla)", "sea", "distill", "xla"),
+          ("SEA student, blocked", "sea", "distill", "blocked")]
+  rows = []
+  for label, attention, mode, impl in runs:
+    s = step_time(attention, mode, impl, steps)
+    rows.append({"run": label, "step_s": s, "tokens_per_s": 8 * 512 / s})
+    print(rows[-1], file=sys.stderr, flush=True)
+  return rows
+
+
+def markdown(paths, steps) -> str:
+  lines = [f"Device: {platform.machine()}, {os.cpu_count()} cores, backend "
+           f"{jax.default_backend()}; jax {jax.__version__}; {datetime.date.today()}. fp32, "
+           "query blocks of 128, best of the repeats.", "",
+           "| heads | T | query blocks | tile list (xla) fwd+bwd s | blocked fwd+bwd s "
+           "| xla / blocked |", "|---|---|---|---|---|---|"]
+  for r in paths:
+    lines.append(f"| {r['shape']} | {r['T']} | {-(-r['T'] // 128)} | {r['xla']:.3f} | "
+                 f"{r['blocked']:.3f} | {r['xla'] / r['blocked']:.2f} |")
+  if steps:
+    lines += ["", "| small recipe, one step (T=512, batch 8) | s/step | tokens/s |",
+              "|---|---|---|"]
+    lines += [f"| {r['run']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} |" for r in steps]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+  p.add_argument("--repeats", type=int, default=2, help="timed calls per op (best is kept)")
+  p.add_argument("--step", action="store_true", help="also time the small recipe's train steps")
+  p.add_argument("--steps", type=int, default=3, help="timed steps per run with --step")
+  p.add_argument("--out", help="write the markdown tables here too")
+  args = p.parse_args(argv)
+  text = markdown(path_rows(args.lengths, args.repeats),
+                  step_rows(args.steps) if args.step else [])
+  print(text)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  main()
