@@ -8,7 +8,10 @@
 2. with --step: one whole distillation step of the small recipe (4 layers, d_model 256, 8 heads,
    vocabulary 8192, T=512, batch 8, K=64, k=32: teacher forward, student forward + backward,
    every loss, AdamW) for the dense pre-training step, the Performer student and the SEA student
-   with either path.
+   with either path;
+3. the grouped top-k of one SEA layer's row budgets (N=1 at opt-125m's heads, the recipe's
+   batch of 8 at its own): k a Python int (`lax.top_k` per octave of rows), k traced (the
+   radix select) and the two-key sort that the traced path used before.
 Ratios are within one run. `sea_jax.sea.layer.AUTO_TILE_MIN_BLOCKS` is set from these figures.
 """
 from __future__ import annotations
@@ -99,12 +102,48 @@ def step_rows(steps):
   return rows
 
 
-def markdown(paths, steps) -> str:
+def sort_mask(est, k):
+  """The former traced-k path: one two-key (score, cell) sort per row."""
+  from sea_jax.sea.topk import nonempty_bins, row_budget
+  N, H, T, K = est.shape
+  nonempty = nonempty_bins(T, K)
+  score = jnp.where(nonempty[None, None], est, -1.0).transpose(0, 2, 1, 3).reshape(N, T, H * K)
+  cells = jax.lax.broadcasted_iota(jnp.int32, score.shape, 2)
+  neg, cells_sorted = jax.lax.sort((-score, cells), dimension=2, num_keys=2)
+  last = jnp.broadcast_to(row_budget(T, H, K, k)[None, :, None] - 1, (N, T, 1))
+  thr = -jnp.take_along_axis(neg, last, axis=2)
+  cell_thr = jnp.take_along_axis(cells_sorted, last, axis=2)
+  keep = (score > thr) | ((score == thr) & (cells <= cell_thr))
+  return keep.reshape(N, T, H, K).transpose(0, 2, 1, 3) & nonempty[None, None]
+
+
+def topk_rows(repeats):
+  from sea_jax.sea.topk import grouped_topk_mask
+  rows = []
+  for label, (N, H, T, K, k) in (("recipe", (8, 8, 512, 64, 32)),
+                                 ("opt-125m", (1, 12, 2048, 256, 64)),
+                                 ("opt-125m", (1, 12, 8192, 256, 64))):
+    est = jax.nn.softmax(jax.random.normal(jax.random.key(1), (N, H, T, K)), axis=-1)
+    kt = jnp.int32(k)
+    static = jax.jit(lambda e, k=k: grouped_topk_mask(e, k))
+    traced = jax.jit(grouped_topk_mask)
+    old = jax.jit(sort_mask)
+    assert bool(jnp.all(static(est) == traced(est, kt))) and bool(jnp.all(old(est, kt) == traced(est, kt)))
+    rows.append({"shape": f"{label} N={N} H={H} T={T} K={K} k={k}",
+                 "static": best_time(static, (est,), repeats),
+                 "select": best_time(traced, (est, kt), repeats),
+                 "sort": best_time(old, (est, kt), repeats)})
+    print(rows[-1], file=sys.stderr, flush=True)
+  return rows
+
+
+def markdown(paths, steps, topks=()) -> str:
   lines = [f"Device: {platform.machine()}, {os.cpu_count()} cores, backend "
            f"{jax.default_backend()}; jax {jax.__version__}; {datetime.date.today()}. fp32, "
-           "query blocks of 128, best of the repeats.", "",
-           "| heads | T | query blocks | tile list (xla) fwd+bwd s | blocked fwd+bwd s "
-           "| xla / blocked |", "|---|---|---|---|---|---|"]
+           "query blocks of 128, best of the repeats."]
+  if paths:
+    lines += ["", "| heads | T | query blocks | tile list (xla) fwd+bwd s | blocked fwd+bwd s "
+              "| xla / blocked |", "|---|---|---|---|---|---|"]
   for r in paths:
     lines.append(f"| {r['shape']} | {r['T']} | {-(-r['T'] // 128)} | {r['xla']:.3f} | "
                  f"{r['blocked']:.3f} | {r['xla'] / r['blocked']:.2f} |")
@@ -112,6 +151,11 @@ def markdown(paths, steps) -> str:
     lines += ["", "| small recipe, one step (T=512, batch 8) | s/step | tokens/s |",
               "|---|---|---|"]
     lines += [f"| {r['run']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} |" for r in steps]
+  if topks:
+    lines += ["", "| grouped top-k, forward | k int: top_k per octave s | k traced: radix select s "
+              "| former traced path: sort s | sort / select |", "|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['static']:.3f} | {r['select']:.3f} | {r['sort']:.3f} | "
+              f"{r['sort'] / r['select']:.1f}x |" for r in topks]
   return "\n".join(lines) + "\n"
 
 
@@ -121,10 +165,14 @@ def main(argv=None) -> None:
   p.add_argument("--repeats", type=int, default=2, help="timed calls per op (best is kept)")
   p.add_argument("--step", action="store_true", help="also time the small recipe's train steps")
   p.add_argument("--steps", type=int, default=3, help="timed steps per run with --step")
+  p.add_argument("--only-topk", action="store_true", help="only the top-k table")
   p.add_argument("--out", help="write the markdown tables here too")
   args = p.parse_args(argv)
-  text = markdown(path_rows(args.lengths, args.repeats),
-                  step_rows(args.steps) if args.step else [])
+  if args.only_topk:
+    text = markdown([], [], topk_rows(args.repeats))
+  else:
+    text = markdown(path_rows(args.lengths, args.repeats),
+                    step_rows(args.steps) if args.step else [], topk_rows(args.repeats))
   print(text)
   if args.out:
     with open(args.out, "w") as f:

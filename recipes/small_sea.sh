@@ -25,10 +25,10 @@ if [[ "${TOY:-0}" == 1 ]]; then
   TEACHER_STEPS=${TEACHER_STEPS:-4} STUDENT_STEPS=${STUDENT_STEPS:-3} BATCH=${BATCH:-2}
   SEA_K=${SEA_K:-16} SEA_k=${SEA_k:-4} SEA_K_TRAIN=${SEA_K_TRAIN:-2,64}
   EVAL_WINDOWS=${EVAL_WINDOWS:-2} KS=${KS:-1,2,4,8,64}
-  MAX_CHARS=${MAX_CHARS:-200000} WARMUP=${WARMUP:-1}
+  MAX_CHARS=${MAX_CHARS:-200000} WARMUP=${WARMUP:-1} STUDENT_WARMUP=${STUDENT_WARMUP:-1}
 else
   LAYERS=${LAYERS:-4} D_MODEL=${D_MODEL:-256} HEADS=${HEADS:-8} SEQ=${SEQ:-512}
-  VOCAB=${VOCAB:-8192} TEACHER_STEPS=${TEACHER_STEPS:-2200} STUDENT_STEPS=${STUDENT_STEPS:-350}
+  VOCAB=${VOCAB:-8192} TEACHER_STEPS=${TEACHER_STEPS:-2200} STUDENT_STEPS=${STUDENT_STEPS:-700}
   BATCH=${BATCH:-8} SEA_K=${SEA_K:-64} SEA_k=${SEA_k:-32} SEA_K_TRAIN=${SEA_K_TRAIN:-16,512}
   EVAL_WINDOWS=${EVAL_WINDOWS:-50}
   KS=${KS:-8,16,32,128,512} MAX_CHARS=${MAX_CHARS:-0} WARMUP=${WARMUP:-100}
@@ -36,6 +36,11 @@ fi
 TEACHER_LR=${TEACHER_LR:-1e-3}
 LR_SEA=${LR_SEA:-1e-3}
 LR_PRETRAINED=${LR_PRETRAINED:-3e-5}
+# Students: cosine decay (to 0.1x) after a short warm-up, and no dropout: the teacher was
+# trained without it (the paper's OPT teachers were trained with 0.1, hence its 0.1).
+STUDENT=(--lr-sea "$LR_SEA" --lr-pretrained "$LR_PRETRAINED" --lr-schedule cosine
+         --warmup-steps "${STUDENT_WARMUP:-20}" --dropout "${STUDENT_DROPOUT:-0.0}"
+         --save-every "${SAVE_EVERY:-50}" --log-every 5)
 DATA="$OUT/data"
 COMMON=(--seq-len "$SEQ" --batch-size "$BATCH" --keep 2 --cache-dir "$OUT/cache"
         --train-text "$DATA/train.txt" --no-progress)
@@ -56,13 +61,12 @@ python train.py --mode pretrain --out "$OUT/teacher" --steps "$TEACHER_STEPS" \
 
 echo "== 2/4 SEA student: K=$SEA_K, k=$SEA_k (trained at k drawn from [$SEA_K_TRAIN])" >&2
 python train.py --teacher "$OUT/teacher/final" --out "$OUT/sea" --steps "$STUDENT_STEPS" \
-  --attention sea --sea-K "$SEA_K" --sea-k "$SEA_k" --sea-k-train "$SEA_K_TRAIN" --lr-sea "$LR_SEA" \
-  --lr-pretrained "$LR_PRETRAINED" --save-every "${SAVE_EVERY:-50}" --log-every 5 "${COMMON[@]}"
+  --attention sea --sea-K "$SEA_K" --sea-k "$SEA_k" --sea-k-train "$SEA_K_TRAIN" \
+  "${STUDENT[@]}" "${COMMON[@]}"
 
 echo "== 3/4 Performer student (the paper's linear baseline)" >&2
 python train.py --teacher "$OUT/teacher/final" --out "$OUT/performer" --steps "$STUDENT_STEPS" \
-  --attention performer --lr-sea "$LR_SEA" --lr-pretrained "$LR_PRETRAINED" \
-  --save-every "${SAVE_EVERY:-50}" --log-every 5 "${COMMON[@]}"
+  --attention performer "${STUDENT[@]}" "${COMMON[@]}"
 
 echo "== 4/4 perplexity: held-out books and WikiText-2 validation" >&2
 for text in heldout wikitext; do
