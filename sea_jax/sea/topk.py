@@ -54,11 +54,7 @@ def grouped_topk_mask(est_probs: jax.Array, k) -> jax.Array:
   score = jnp.where(nonempty[None, None], probs, -1.0)
   score = score.transpose(0, 2, 1, 3).reshape(N, T, H * K)
   if isinstance(k, (int, np.integer)):
-    cells = jax.lax.broadcasted_iota(jnp.int32, score.shape, 2)
-    # The budget-th (score, cell) pair in (score descending, cell ascending) order is the
-    # row's threshold; a cell is kept iff its pair comes at or before it.
-    thr, cell_thr = _thresholds_by_top_k(score, static_row_budget(T, H, K, int(k)))
-    keep = (score > thr) | ((score == thr) & (cells <= cell_thr))
+    keep = _keep_by_octave(score, static_row_budget(T, H, K, int(k)))
   else:
     keep = _keep_by_select(score, jnp.broadcast_to(row_budget(T, H, K, k), (N, T)))
   keep = keep.reshape(N, T, H, K).transpose(0, 2, 1, 3)
@@ -115,21 +111,34 @@ def _keep_by_select(score: jax.Array, budget: jax.Array) -> jax.Array:
   return above | (tie & (jnp.cumsum(tie, axis=-1, dtype=jnp.int32) <= need))
 
 
-def _thresholds_by_top_k(score, budget: np.ndarray):
-  """`lax.top_k` per octave of rows [2^j - 1, 2^(j+1) - 1) with that octave's largest budget
-  (static: k is a Python int), far less work than a full sort once c_t << H·K. top_k orders
-  equal values by lower index first, the same order as the sort's (score, cell) keys."""
-  N, T, _ = score.shape
-  thr, cell_thr, start = [], [], 0
+# An octave of rows whose largest budget is at most this fraction of the row's cells takes
+# `lax.top_k`; a wider one the radix select, cheaper there (bench/bench_sparse_auto.py).
+TOP_K_MAX_FRACTION = 1 / 16
+
+
+def _keep_by_octave(score: jax.Array, budget: np.ndarray) -> jax.Array:
+  """`_keep_by_select` for a static budget (k a Python int), an octave of rows
+  [2^j - 1, 2^(j+1) - 1) at a time: `lax.top_k` with the octave's largest budget where budgets
+  are small next to the n cells (far less work than a full selection), else the radix select.
+  top_k orders equal values by lower index first, the same order as the select's."""
+  N, T, n = score.shape
+  parts, start = [], 0
   while start < T:
     stop = min(T, 2 * start + 1)
-    c = budget[start:stop]
-    values, index = jax.lax.top_k(score[:, start:stop], int(c.max()))
-    last = jnp.broadcast_to(jnp.asarray(c - 1, jnp.int32)[None, :, None], (N, stop - start, 1))
-    thr.append(jnp.take_along_axis(values, last, axis=2))
-    cell_thr.append(jnp.take_along_axis(index, last, axis=2).astype(jnp.int32))
+    rows, c = score[:, start:stop], budget[start:stop]
+    if c.max() > TOP_K_MAX_FRACTION * n:
+      parts.append(_keep_by_select(rows, jnp.broadcast_to(jnp.asarray(c), (N, stop - start))))
+    else:
+      # The c-th (score, cell) pair in (score descending, cell ascending) order is the row's
+      # threshold; a cell is kept iff its pair comes at or before it.
+      values, index = jax.lax.top_k(rows, int(c.max()))
+      last = jnp.broadcast_to(jnp.asarray(c - 1, jnp.int32)[None, :, None], (N, stop - start, 1))
+      thr = jnp.take_along_axis(values, last, axis=2)
+      cell_thr = jnp.take_along_axis(index, last, axis=2).astype(jnp.int32)
+      cells = jax.lax.broadcasted_iota(jnp.int32, rows.shape, 2)
+      parts.append((rows > thr) | ((rows == thr) & (cells <= cell_thr)))
     start = stop
-  return jnp.concatenate(thr, axis=1), jnp.concatenate(cell_thr, axis=1)
+  return jnp.concatenate(parts, axis=1)
 
 
 def expand_mask(compressed_mask: jax.Array, T: int) -> jax.Array:
