@@ -115,17 +115,9 @@ def float64():
     yield
 
 
-def test_gradients_match_finite_differences():
-  """Directional derivatives of a small fp64 layer (params, q, k, v) vs central differences.
-
-  Unit-norm random directions, Richardson-extrapolated differences at eps and eps/2. The shared
-  LayerNorm keeps fp32 statistics, so agreement is ~1e-4 (relative, or of the gradient's norm
-  for near-orthogonal directions), not fp64-exact. Directions that would flip the
-  (non-differentiable) top-k mask are retried with smaller steps (a cell within a step of
-  the budget's threshold flips at 2e-2), then redrawn; three directions per input, two must
-  agree.
-  """
-  rng, seed = make_rng()
+def _finite_difference_pairs(seed: int, rng):
+  """{input name: three (finite difference, gradient) pairs of mask-preserving directions},
+  or None when a near-tie in the top-k flips the mask for too many directions of one input."""
   with float64():
     layer = SEAAttention(num_heads=2, head_dim=8, max_positions=16, K=8, k=2, performer_chunk=4,
                          query_block=5, sparse_impl="xla", dtype=jnp.float64,
@@ -144,6 +136,8 @@ def test_gradients_match_finite_differences():
     x0 = (params, q, k, v)
     (_, mask0), grads = jax.value_and_grad(loss, has_aux=True)(x0)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads)), f"seed={seed}"
+    eps = 2e-2
+    pairs = {}
     for part, name in enumerate(("params", "q", "k", "v")):
       exact_grad = grads[part]
       scale = float(np.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(exact_grad))))
@@ -155,25 +149,44 @@ def test_gradients_match_finite_differences():
         shift = lambda s: tuple(  # noqa: E731
             jax.tree.map(lambda a, b: a + s * b, x, u) if i == part else x
             for i, x in enumerate(x0))
-        for eps in (2e-2, 5e-3, 1.25e-3):  # smaller steps when a near-tie flips the mask
-          diffs, same_mask = [], True
-          for h in (eps, eps / 2):
-            (fp, mp), (fm, mm) = loss(shift(h)), loss(shift(-h))
-            same_mask &= np.array_equal(mp, mask0) and np.array_equal(mm, mask0)
-            diffs.append(float(fp - fm) / (2 * h))
-          if same_mask:
-            break
+        diffs, same_mask = [], True
+        for h in (eps, eps / 2):
+          (fp, mp), (fm, mm) = loss(shift(h)), loss(shift(-h))
+          same_mask &= np.array_equal(mp, mask0) and np.array_equal(mm, mask0)
+          diffs.append(float(fp - fm) / (2 * h))
         if same_mask:
           exact = float(sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(exact_grad),
                                                            jax.tree.leaves(u))))
           checked.append(((4 * diffs[1] - diffs[0]) / 3, exact))
           if len(checked) == 3:
             break
-      assert len(checked) == 3, f"seed={seed}: too many directions flipped the mask"
-      # A wrong gradient fails every direction; a ReLU kink (Performer features, estimator)
-      # inside [-eps, eps] of one random direction can spoil that one only: 2 of 3 must agree.
-      good = [abs(fd - g) <= 3e-3 * abs(g) + 1e-4 * scale for fd, g in checked]
-      assert sum(good) >= 2, f"seed={seed}: d/d{name}: (finite difference, gradient) {checked}"
+      if len(checked) < 3:
+        return None
+      pairs[name] = (checked, scale)
+    return pairs
+
+
+def test_gradients_match_finite_differences():
+  """Directional derivatives of a small fp64 layer (params, q, k, v) vs central differences.
+
+  Unit-norm random directions, Richardson-extrapolated differences at eps and eps/2. The shared
+  LayerNorm keeps fp32 statistics, so agreement is ~1e-4 (relative, or of the gradient's norm
+  for near-orthogonal directions), not fp64-exact. Directions that would flip the
+  (non-differentiable) top-k mask are redrawn; three directions per input, two must agree.
+  Inputs whose top-k has a near-tie (one cell within a step of its row's threshold flips the
+  mask in almost every direction: seed 3708405002) are redrawn, at most twice.
+  """
+  rng, seed = make_rng()
+  for attempt in range(3):
+    pairs = _finite_difference_pairs(seed + attempt, rng)
+    if pairs is not None:
+      break
+  assert pairs is not None, f"seed={seed}: every draw had a near-tie flipping the mask"
+  for name, (checked, scale) in pairs.items():
+    # A wrong gradient fails every direction; a ReLU kink (Performer features, estimator)
+    # inside [-eps, eps] of one random direction can spoil that one only: 2 of 3 must agree.
+    good = [abs(fd - g) <= 3e-3 * abs(g) + 1e-4 * scale for fd, g in checked]
+    assert sum(good) >= 2, f"seed={seed}: d/d{name}: (finite difference, gradient) {checked}"
 
 
 def test_jit_matches_eager_and_batch_rows_are_independent():
