@@ -11,7 +11,7 @@
 #   4. RESULTS.md table and plots (k sweep, loss terms, gates, coverage), and pictures of what
 #      the SEA student keeps against its teacher.
 #
-#   bash recipes/small_sea.sh            # the full recipe (about 95 minutes on 2 unshared cores)
+#   bash recipes/small_sea.sh            # the full recipe (about 3 h on 2 unshared Xeon cores)
 #   TOY=1 bash recipes/small_sea.sh      # every stage at toy size in about a minute (CI)
 #
 # Every setting below can be overridden from the environment.
