@@ -76,13 +76,14 @@ def grouped_topk_row(est_probs: jax.Array, t: jax.Array, k) -> jax.Array:
 
 
 def _ordered_key(x: jax.Array) -> jax.Array:
-  """Unsigned keys in the order of the float values x (x < y iff key(x) < key(y); no NaNs):
-  uint32 for float32 and narrower floats, uint64 for float64."""
+  """Unsigned keys in the order of the float values x (x < y iff key(x) < key(y), and -0.0
+  and 0.0 share one key as in `lax.sort`; no NaNs): uint32 for float32 and narrower floats,
+  uint64 for float64."""
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   utype = jnp.uint64 if x.dtype == jnp.float64 else jnp.uint32
   bits = jax.lax.bitcast_convert_type(x, utype)
   top = utype(1) << utype(8 * x.dtype.itemsize - 1)
-  return jnp.where(bits >= top, ~bits, bits | top)
+  return jnp.where(x == 0, top, jnp.where(bits >= top, ~bits, bits | top))
 
 
 def _keep_by_select(score: jax.Array, budget: jax.Array) -> jax.Array:
