@@ -10,8 +10,8 @@
    every loss, AdamW) for the dense pre-training step, the Performer student and the SEA student
    with either path;
 3. the grouped top-k of one SEA layer's row budgets (N=1 at opt-125m's heads, the recipe's
-   batch of 8 at its own): k a Python int (`lax.top_k` per octave of rows), k traced (the
-   radix select) and the two-key sort that the traced path used before.
+   batch of 8 at its own): k a Python int (`lax.top_k` on octaves of rows with small budgets,
+   the radix select on wide ones), k traced (the radix select) and the two-key sort that the traced path used before.
 Ratios are within one run. `sea_jax.sea.layer.AUTO_TILE_MIN_BLOCKS` is set from these figures.
 """
 from __future__ import annotations
@@ -21,18 +21,16 @@ import dataclasses
 import datetime
 import os
 import platform
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from bench_sea_cpu import best_time, fwd_bwd  # noqa: E402
+from bench_train_step import time_compiled_step  # noqa: E402
 from bench_sparse_attention import make_mask  # noqa: E402
 from sea_jax.sea.sparse import sparse_attention, sparse_attention_reference  # noqa: E402
 
@@ -59,7 +57,7 @@ def step_time(attention: str, mode: str, impl: str, steps: int) -> float:
   from sea_jax import sharding as shd
   from sea_jax.config import OPTConfig, SEAConfig
   from sea_jax.training import models, optimizer
-  from sea_jax.training.step import StepSpec, base_rng, build_train_step, init_opt_state
+  from sea_jax.training.step import StepSpec, build_train_step
   cfg = OPTConfig(vocab_size=8192, num_hidden_layers=4, hidden_size=256, num_attention_heads=8,
                   ffn_dim=1024, max_position_embeddings=512, word_embed_proj_dim=256,
                   dropout=0.0, attention=attention, sea=SEAConfig(K=64, k=32, sparse_impl=impl))
@@ -72,21 +70,8 @@ def step_time(attention: str, mode: str, impl: str, steps: int) -> float:
   B, T = 8, 512
   step = build_train_step(StepSpec(mode, batch_size=B, micro_batch_size=B, seq_len=T, K=64),
                           student, teacher, tx, mesh, opt_sh)
-  params, rest = models.fresh_weights(student, mesh)
-  tp, tr = models.fresh_weights(teacher, mesh)
-  state = {"params": params, "rest": rest, "opt": init_opt_state(tx, params, opt_sh),
-           "step": jnp.int32(0), "rng": base_rng(0)}
-  batch = jax.device_put(np.random.default_rng(0).integers(4, 8000, (B, T + 1), np.int32),
-                         step.batch_sharding)
-  compiled = step.fn.lower(state, {"params": tp, "rest": tr}, batch).compile()
-  times = []
-  for i in range(steps + 1):  # the first call is a warm-up
-    start = time.perf_counter()
-    state, metrics = compiled(state, {"params": tp, "rest": tr}, batch)
-    jax.block_until_ready(metrics)
-    if i:
-      times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return time_compiled_step(step, student, teacher, tx, opt_sh, mesh, B, T, steps,
+                            token_high=8000)["step_s"]
 
 
 def step_rows(steps):
@@ -152,7 +137,7 @@ def markdown(paths, steps, topks=()) -> str:
               "|---|---|---|"]
     lines += [f"| {r['run']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} |" for r in steps]
   if topks:
-    lines += ["", "| grouped top-k, forward | k int: top_k per octave s | k traced: radix select s "
+    lines += ["", "| grouped top-k, forward | k int: octave hybrid s | k traced: radix select s "
               "| former traced path: sort s | sort / select |", "|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['static']:.3f} | {r['select']:.3f} | {r['sort']:.3f} | "
               f"{r['sort'] / r['select']:.1f}x |" for r in topks]

@@ -77,29 +77,38 @@ def bench_step(args) -> dict:
     return {**result, "compile_s": time.perf_counter() - t0, **compiled_memory(compiled),
             "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MiB}
 
+  timed = time_compiled_step(step, student, teacher, tx, opt_sh, mesh, B, T, args.steps,
+                             token_high=50000)
+  return {**result, "compile_s": timed["compile_s"], "step_s": timed["step_s"],
+          "tokens_per_s": B * T / timed["step_s"], "loss": timed["loss"], **timed["memory"],
+          "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MiB}
+
+
+def time_compiled_step(step, student, teacher, tx, opt_sh, mesh, B: int, T: int, steps: int,
+                       token_high: int) -> dict:
+  """Compiles `step` (a `build_train_step` result) on fresh weights and a random (B, T+1)
+  batch of token ids in [4, token_high), runs one warm-up call and `steps` timed ones:
+  {"compile_s", "step_s" (median), "loss", "memory" (compiled_memory)}."""
   params, rest = models.fresh_weights(student, mesh)
   tp, tr = models.fresh_weights(teacher, mesh)
   state = {"params": params, "rest": rest, "opt": init_opt_state(tx, params, opt_sh),
            "step": jnp.int32(0), "rng": base_rng(0)}
   teacher_state = {"params": tp, "rest": tr}
-  batch = jax.device_put(np.random.default_rng(0).integers(4, 50000, (B, T + 1), np.int32),
+  batch = jax.device_put(np.random.default_rng(0).integers(4, token_high, (B, T + 1), np.int32),
                          step.batch_sharding)
 
   t0 = time.perf_counter()
   compiled = step.fn.lower(state, teacher_state, batch).compile()
   compile_s = time.perf_counter() - t0
-  mem = compiled_memory(compiled)
   times = []
-  for i in range(args.steps + 1):  # the first call is a warm-up
+  for i in range(steps + 1):  # the first call is a warm-up
     t0 = time.perf_counter()
     state, metrics = compiled(state, teacher_state, batch)
     jax.block_until_ready(metrics)
     if i:
       times.append(time.perf_counter() - t0)
-  step_s = statistics.median(times)
-  return {**result, "compile_s": compile_s, "step_s": step_s, "tokens_per_s": B * T / step_s,
-          "loss": float(metrics["loss"]), **mem,
-          "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MiB}
+  return {"compile_s": compile_s, "step_s": statistics.median(times),
+          "loss": float(metrics["loss"]), "memory": compiled_memory(compiled)}
 
 
 def bench_layer_loss(args) -> list[dict]:
