@@ -35,9 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "block), pallas; default auto: pallas on GPU/TPU, on CPU blocked below "
                       "16 query blocks (T < 2048 at query_block 128), xla from there")
   p.add_argument("--dense-impl", choices=("auto", "reference", "chunked", "cudnn"),
-                 help="dense attention: T x T reference, chunked (one query block at a time), "
-                      "cuDNN flash (GPU); default auto: cuDNN on GPU in bf16, else chunked "
-                      "beyond 2048 tokens")
+                 help="dense attention: T x T reference, chunked (one query block at a time "
+                      "over the keys it can see), cuDNN flash (GPU); default auto: cuDNN on GPU "
+                      "in bf16, else chunked")
   p.add_argument("--seq-len", type=int,
                  help="window length (default: the model's max positions, at most 2048)")
   p.add_argument("--batch-size", type=int, help="windows per step (default: data x fsdp size)")

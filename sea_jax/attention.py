@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sea_jax.blocked_attention import blocked_attention
 from sea_jax.config import DENSE_IMPLS, ConfigError, SEAConfig
 
 NEG_INF = -1e30
@@ -101,18 +102,19 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return out.reshape(N, H, T, v.shape[-1])
 
 
-CHUNKED_FROM = 2048  # "auto" on CPU/TPU: the T x T reference up to here, chunked beyond
+CACHE_CHUNKED_FROM = 2048  # a prefill into a cache of more slots runs one query block at a time
 
 
 def dense_attention_chunked(q: jax.Array, k: jax.Array, v: jax.Array,
                             key_mask: jax.Array | None = None, *, block: int = 256,
                             q_offset=0) -> jax.Array:
-  """`dense_attention` one query block at a time: the same fp32 softmax, never T x T.
+  """`dense_attention` over a KV cache one query block at a time (a long prompt's prefill):
+  the same fp32 softmax, never T x S.
 
-  q (N,H,T,d), k/v (N,Hkv,S,d) -> (N,H,T,d) (S = T and q_offset 0 but for a KV cache, as in
-  `dense_attention`). Each block of `block` query rows scores all S keys (O(block * S) memory
-  per head); the block body is rematerialised under `lax.scan`, so the backward also holds one
-  block's scores at a time.
+  q (N,H,T,d), k/v (N,Hkv,S,d) -> (N,H,T,d), query i at slot q_offset + i (maybe traced). Each
+  block of `block` query rows scores all S slots (O(block * S) memory per head); the block
+  body is rematerialised under `lax.scan`. Self-attention (no cache) takes
+  `blocked_attention.blocked_attention`, which visits only the keys each block can see.
   """
   N, H, T, d = q.shape
   S = k.shape[2]
@@ -151,18 +153,20 @@ def dense_attention_cudnn(q, k, v):
   return out.transpose(0, 2, 1, 3)
 
 
-def resolve_dense_impl(impl: str, T: int, dtype) -> str:
-  """The dense implementation that `impl` means for this backend, length and dtype."""
+def resolve_dense_impl(impl: str, dtype) -> str:
+  """The dense implementation that `impl` means for this backend and dtype: "auto" is cuDNN on
+  GPU in bf16/fp16, else "chunked" (`blocked_attention`: at every length it holds O(block · T)
+  per head, and on CPU it runs 2-3x faster than the T x T reference; BENCHMARKS.md)."""
   if impl != "auto":
     return impl
   if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
-  return "chunked" if T > CHUNKED_FROM else "reference"
+  return "chunked"
 
 
 class DenseAttention(nnx.Module):
   """The model's own causal softmax attention; no parameters. `shape.dense_impl` picks the
-  T x T reference, the chunked XLA path or cuDNN (see `resolve_dense_impl`)."""
+  T x T reference, the blocked XLA path or cuDNN (see `resolve_dense_impl`)."""
 
   def __init__(self, shape: AttentionShape, *, rngs: nnx.Rngs):
     del rngs
@@ -171,16 +175,14 @@ class DenseAttention(nnx.Module):
   def __call__(self, q, k, v, *, key_mask=None, sea_k=None, deterministic=True,
                return_aux=False):
     del sea_k, deterministic
-    impl = resolve_dense_impl(self.impl, q.shape[2], q.dtype)
+    impl = resolve_dense_impl(self.impl, q.dtype)
     with jax.named_scope("dense_attention"):
       if impl == "reference":
         context = dense_attention(q, k, v, key_mask)
-      elif impl == "chunked":
-        context = dense_attention_chunked(q, k, v, key_mask)
       elif impl == "cudnn" and key_mask is None:
         context = dense_attention_cudnn(q, k, v)
-      elif impl == "cudnn":
-        context = dense_attention_chunked(q, k, v, key_mask)
+      elif impl in ("chunked", "cudnn"):  # cuDNN takes no padding mask
+        context = blocked_attention(q, k, v, key_mask=key_mask)
       else:
         raise ConfigError(f"unknown dense_impl {impl!r}; choose from {DENSE_IMPLS}")
     aux = {"q": q, "k": k, "context": context} if return_aux else {}
@@ -284,7 +286,8 @@ def cached_attention(core: nnx.Module, q: jax.Array, k: jax.Array, v: jax.Array,
     context, state = core.cached(q, k, v, cache._replace(k=k_all, v=v_all), sea_k=sea_k)
     return context, cache._replace(k=k_all, v=v_all, state=state)
   T, L = q.shape[2], k_all.shape[2]
-  chunked = resolve_dense_impl(core.impl, L, q.dtype) != "reference"  # long caches, cuDNN
+  chunked = (resolve_dense_impl(core.impl, q.dtype) != "reference"
+             and (core.impl != "auto" or L > CACHE_CHUNKED_FROM))
   with jax.named_scope("cached_attention"):
     if chunked and T > 1:  # a long prompt's prefill: one query block at a time
       context = dense_attention_chunked(q, k_all, v_all, cache.key_mask, q_offset=cache.start)

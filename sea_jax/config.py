@@ -80,8 +80,8 @@ class RuntimeConfig:
   attention: "dense", "sea" or "performer" for every layer in `attention_layers`
     (None = all layers); the other layers stay dense.
   dense_impl: how dense attention runs: "reference" (T x T scores), "chunked" (one query
-    block at a time, XLA), "cudnn" (GPU flash attention) or "auto" (cuDNN on GPU for
-    bf16/fp16, else the reference up to T = 2048 and chunked beyond).
+    block at a time over the keys it can see, XLA), "cudnn" (GPU flash attention) or "auto"
+    (cuDNN on GPU for bf16/fp16, else chunked).
   """
   dtype: str = "float32"
   param_dtype: str = "float32"

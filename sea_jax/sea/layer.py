@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from sea_jax.attention import AttentionShape, repeat_kv
+from sea_jax.blocked_attention import blocked_attention
 from sea_jax.config import ConfigError
 from sea_jax.layers import normal_init, param
 from sea_jax.sea.bins import nonempty_bins
@@ -22,7 +23,7 @@ from sea_jax.sea.estimator import HISTORY_ROWS, Estimator, history_at
 from sea_jax.sea.performer import (causal_linear_attention, linear_attention_state,
                                    linear_attention_step, num_random_features,
                                    orthogonal_random_features, relu_features)
-from sea_jax.sea.sparse import sparse_attention, sparse_attention_reference
+from sea_jax.sea.sparse import sparse_attention
 from sea_jax.sea.topk import check_k, grouped_topk_mask, grouped_topk_row
 
 class RandomFeatures(nnx.Variable):
@@ -68,7 +69,7 @@ def sparse_dispatch(impl: str, q, k, v, compressed_mask, *, query_block: int):
   if impl == "xla":
     return sparse_attention(q, k, v, compressed_mask, query_block=query_block)
   if impl == "blocked":
-    return sparse_attention_reference(q, k, v, compressed_mask, query_block=query_block)
+    return blocked_attention(q, k, v, compressed_mask=compressed_mask)
   if impl == "pallas":
     return _pallas_sparse(q, k, v, compressed_mask)
   raise ConfigError(f"unknown sparse_impl {impl!r}; choose 'auto', 'xla', 'blocked' or 'pallas'")

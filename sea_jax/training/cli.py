@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "block), pallas; default auto: pallas on GPU/TPU, on CPU blocked below "
                       "16 query blocks, xla from there")
   g.add_argument("--dense-impl", choices=("auto", "reference", "chunked", "cudnn"),
-                 help="dense attention (teacher and dense layers): T x T reference, chunked, "
-                      "cuDNN (GPU); default auto")
+                 help="dense attention (teacher and dense layers): T x T reference, chunked "
+                      "(one query block at a time over the keys it can see), cuDNN (GPU); "
+                      "default auto: cuDNN on GPU in bf16, else chunked")
   g.add_argument("--dropout", type=float, default=0.1,
                  help="dropout in the trained model (default 0.1; the teacher has none)")
   g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
