@@ -9,7 +9,10 @@ KL is `batchmean` over the N*H*T rows (0 log 0 = 0, masked entries give 0); the 
 average over all N*H*T*T entries, the zero upper triangle included.
 
 The T x T maps are never held whole: `attention_layer_loss` scans over blocks of query rows,
-each block body under `jax.checkpoint`, so forward and backward hold O(block * T) per head.
+each block body under `jax.checkpoint`, so forward and backward hold O(block * T) per head, and
+each block scores only the keys it can see (`blocked_attention.causal_groups`). L_approx and
+the kept mass are taken in the K bins of each row from the teacher's mass per bin
+(`_compressed_terms`): the same numbers with an O(T * K) gradient.
 This is the same formula as the dense one (not a sampled estimate); `dense_attention_layer_loss`
 computes it with full T x T maps, for tests and memory comparisons.
 
@@ -34,7 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from sea_jax.attention import repeat_kv
-from sea_jax.sea.bins import bin_index
+from sea_jax.blocked_attention import SCORE_BYTES, causal_groups, pick_block
+from sea_jax.sea.bins import bin_index, row_bounds
 
 NEG = -1e30  # "-large": exp(NEG - lse) is exactly 0 in fp32
 KL_WEIGHT = 0.1  # weight of the KL term inside L_approx and L_prob
@@ -53,9 +57,15 @@ def _sum(x: jax.Array) -> jax.Array:
   return jnp.sum(jnp.sum(x, axis=-1))
 
 
-def _masked_log_softmax(logits: jax.Array, visible: jax.Array) -> jax.Array:
-  """log softmax over the last axis of the visible entries; -large (finite) elsewhere."""
-  return jax.nn.log_softmax(jnp.where(visible, logits, NEG), axis=-1)
+def _masked_softmax(logits: jax.Array, visible: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(log p, p) of the softmax over the last axis of the visible entries, one exp per entry;
+  log p is -large (finite) and p is 0 where not visible."""
+  x = jnp.where(visible, logits, NEG)
+  shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+  e = jnp.where(visible, jnp.exp(shifted), 0.0)
+  total = jnp.sum(e, axis=-1, keepdims=True)
+  log_p = shifted - jnp.log(jnp.maximum(total, 1e-30))
+  return log_p, e / jnp.maximum(total, 1e-30)
 
 
 def _scores(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -71,37 +81,148 @@ def _expand_est(est: jax.Array, rows: jax.Array, T: int, K: int) -> jax.Array:
   return jnp.take_along_axis(est, jnp.broadcast_to(bins, est.shape[:2] + bins.shape), axis=-1)
 
 
-def _map_terms(log_a, a, log_p, visible, row_w):
-  """(KL sum, squared-error sum) of one student map vs the teacher's, rows weighted by row_w."""
-  p = jnp.where(visible, jnp.exp(log_p), 0.0)
-  kl = jnp.where(visible, a * (log_a - log_p), 0.0)
-  return _sum(kl * row_w), _sum(jnp.square(p - a) * row_w)
+def _map_terms(log_a, a, logits, visible, row_w):
+  """(KL sum, squared-error sum) of a student map, softmax of `logits` over the visible keys,
+  against the teacher's (log A, A), rows weighted by row_w.
 
-
-def _block_sums(kt, ks, key_real, qt, qs, est, mask, rows, row_w, *, K):
-  """Loss sums over one block of query rows.
-
-  kt, ks: (N,H,T,d) keys; key_real: (N,T) bool or None; qt, qs: (N,H,B,d) queries (pre-scaled);
-  est: (N,H,B,K) or None; mask: the student's compressed mask (N,H,B,K) bool or None;
-  rows: (B,) query indices; row_w: (N,B) 1.0 for counted rows.
-  -> (5,) fp32: [KL est, SE est, KL prob, SE prob, teacher mass on kept keys] sums over the block.
+  KL(A || p) per row is sum A log A - sum A s + lse(s) sum A: linear in the student's scores s
+  but for the row's log-sum-exp, which keeps the backward to p - A (and one exp per entry).
   """
+  s = jnp.where(visible, logits, NEG)
+  top = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+  e = jnp.where(visible, jnp.exp(s - top), 0.0)
+  total = jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)
+  p = e / total
+  lse = (top + jnp.log(total))[..., 0]
+  kl = jnp.sum(jnp.where(visible, a * (log_a - s), 0.0), axis=-1) + lse * jnp.sum(a, axis=-1)
+  return _sum(kl * row_w[..., 0]), _sum(jnp.square(p - a) * row_w)
+
+
+def _teacher_map(qt, kt, key_real, rows):
+  """The teacher's attention of one block of query rows, no gradient: visible (.., B, T) bool,
+  log A and A (N,H,B,T) fp32 (A = 0 where not visible)."""
   T = kt.shape[2]
   visible = (jnp.arange(T)[None, :] <= rows[:, None])[None, None]  # (1,1,B,T)
   if key_real is not None:
     visible = visible & key_real[:, None, None, :]
+  log_a, a = jax.lax.stop_gradient(_masked_softmax(_scores(qt, kt), visible))
+  return visible, log_a, a
+
+
+PREFIX_CHUNK = 32  # keys per chunk of the two-level prefix sum
+
+
+def _prefix_sum(x: jax.Array) -> jax.Array:
+  """Inclusive prefix sum over the last axis, in two levels: within chunks of PREFIX_CHUNK keys
+  by a small triangular matmul, then across the chunk totals (on CPU 3x faster than
+  `jnp.cumsum`, whose reduce_window spans the whole axis)."""
+  T = x.shape[-1]
+  c = PREFIX_CHUNK
+  if T <= c:
+    return jnp.cumsum(x, axis=-1)
+  n = -(-T // c)
+  xr = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n * c - T)]).reshape(x.shape[:-1] + (n, c))
+  upper = jnp.triu(jnp.ones((c, c), x.dtype))  # upper[i, j] = 1 for i <= j
+  inner = jnp.einsum("...ni,ij->...nj", xr, upper, precision=jax.lax.Precision.HIGHEST)
+  totals = inner[..., -1]
+  before = jnp.cumsum(totals, axis=-1) - totals
+  return (inner + before[..., None]).reshape(x.shape[:-1] + (n * c,))[..., :T]
+
+
+def _pool_bins(x, rows, K):
+  """Per row t, the sums of x over the keys of each of its K bins: (..., B, T) -> (..., B, K).
+
+  Bin b of row t covers keys [start, end) (`bins.row_bounds`, all <= t); the sums are
+  differences of an exclusive prefix sum, so each key is counted once.
+  """
+  T = x.shape[-1]
+  prefix = jnp.pad(_prefix_sum(x), [(0, 0)] * (x.ndim - 1) + [(1, 0)])
+  starts, ends = (jnp.clip(b, 0, T) for b in row_bounds(rows, K))  # (B, K)
+  take = lambda idx: jnp.take_along_axis(prefix, jnp.broadcast_to(idx, x.shape[:-1] + (K,)),
+                                         axis=-1)
+  return take(ends) - take(starts)
+
+
+def _bin_counts(key_real, rows, K, T):
+  """Visible keys per bin of each row: (N|1, 1, B, K) fp32 (exact small integers)."""
+  if key_real is None:
+    starts, ends = (jnp.clip(b, 0, T) for b in row_bounds(rows, K))
+    return (ends - starts).astype(jnp.float32)[None, None]
+  real = jnp.broadcast_to(key_real[:, None, None, :], (key_real.shape[0], 1, rows.shape[0], T))
+  return jnp.round(_pool_bins(real.astype(jnp.float32), rows, K))
+
+
+def _teacher_bins(visible, log_a, a, key_real, rows, K):
+  """What the compressed terms need of one block's teacher map (no gradient): the teacher's
+  mass per bin A_b and the visible keys per bin n_b (N,H,B,K); per row sum_s A log A and the
+  within-bin squared deviation sum_s (A_s - A_b / n_b)^2 (N,H,B)."""
+  neg_entropy = jnp.sum(jnp.where(visible, a * log_a, 0.0), axis=-1)
+  mass = _pool_bins(a, rows, K)
+  count = jnp.broadcast_to(_bin_counts(key_real, rows, K, a.shape[-1]), mass.shape)
+  spread = jnp.sum(jnp.square(a), axis=-1) - jnp.sum(_per_key(mass, count) * mass, axis=-1)
+  return mass, count, neg_entropy, jnp.maximum(spread, 0.0)
+
+
+def _per_key(mass, count):
+  """A_b / n_b, 0 in empty bins."""
+  return jnp.where(count > 0, mass / jnp.maximum(count, 1.0), 0.0)
+
+
+def _compressed_terms(est, mass, count, neg_entropy, spread, row_w):
+  """(KL sum, squared-error sum) of softmax_s(E_up) against the teacher, in the K bins.
+
+  softmax over the T keys of E_up gives every visible key of bin b the same probability
+  p_b = exp(E_b) / sum_b' n_b' exp(E_b'), so with the teacher's bin mass A_b:
+    KL(A || p) = sum_s A log A - sum_b A_b log p_b,
+    sum_s (p_s - A_s)^2 = sum_b n_b (p_b - A_b / n_b)^2 + sum_s (A_s - A_b / n_b)^2:
+  the numbers of the T x T form, with the gradient of E in O(K) per row.
+  est, mass, count: (N,H,B,K); neg_entropy, spread: (N,H,B) (teacher, no gradient); row_w (N,B).
+  """
+  occupied = count > 0
+  log_z = jax.nn.logsumexp(jnp.where(occupied, est + jnp.log(jnp.maximum(count, 1.0)), NEG),
+                           axis=-1, keepdims=True)
+  log_p = jnp.where(occupied, est - log_z, 0.0)
+  p = jnp.where(occupied, jnp.exp(log_p), 0.0)
+  w = row_w[:, None, :]
+  kl = neg_entropy - jnp.sum(mass * log_p, axis=-1)
+  se = jnp.sum(count * jnp.square(p - _per_key(mass, count)), axis=-1) + spread
+  return _sum(kl * w), _sum(se * w)
+
+
+def _block_terms(kt, ks, key_real, qt, qs, rows, row_w, *, K, bins: bool):
+  """One block of query rows: L_prob's sums, and the teacher's per-bin statistics.
+
+  kt, ks: (N,H,T,d) keys; key_real: (N,T) bool or None; qt, qs: (N,H,B,d) queries (pre-scaled);
+  rows: (B,) query indices; row_w: (N,B) 1.0 for counted rows.
+  -> ((2,) fp32 [KL prob, SE prob] sums over the block, `_teacher_bins` of the block (no
+  gradient) when `bins`, else None). L_prob compares two T x T maps; L_approx and the kept
+  mass need only the teacher's bins (`_compressed_terms`), taken outside the block loop.
+  """
+  visible, log_a, a = _teacher_map(qt, kt, key_real, rows)
   w = row_w[:, None, :, None]  # (N,1,B,1)
-  log_a = jax.lax.stop_gradient(_masked_log_softmax(_scores(qt, kt), visible))
-  a = jnp.where(visible, jnp.exp(log_a), 0.0)
-  kl_p, se_p = _map_terms(log_a, a, _masked_log_softmax(_scores(qs, ks), visible), visible, w)
+  kl_p, se_p = _map_terms(log_a, a, _scores(qs, ks), visible, w)
+  stats = None
+  if bins:
+    stats = jax.lax.stop_gradient(_teacher_bins(visible, log_a, a, key_real, rows, K))
+  return jnp.stack([kl_p, se_p]), stats
+
+
+def _dense_block_sums(kt, ks, key_real, qt, qs, est, mask, rows, row_w, *, K):
+  """The five loss sums of a block of query rows by the spec's T x T formula, E_up and the
+  kept mask expanded to every key (the reference the compressed form is tested against):
+  (5,) fp32 [KL est, SE est, KL prob, SE prob, teacher mass on kept keys]."""
+  T = kt.shape[2]
+  visible, log_a, a = _teacher_map(qt, kt, key_real, rows)
+  w = row_w[:, None, :, None]  # (N,1,B,1)
+  kl_p, se_p = _map_terms(log_a, a, _scores(qs, ks), visible, w)
   if est is None:
     kl_e = se_e = jnp.zeros((), jnp.float32)
   else:
     e_up = _expand_est(est, rows, T, K)
-    kl_e, se_e = _map_terms(log_a, a, _masked_log_softmax(e_up, visible), visible, w)
+    kl_e, se_e = _map_terms(log_a, a, e_up, visible, w)
   if mask is None:
     kept = jnp.zeros((), jnp.float32)
-  else:  # a diagnostic, no gradient: how much of the teacher's attention the kept keys hold
+  else:
     kept_keys = _expand_est(mask, rows, T, K) & visible
     kept = jax.lax.stop_gradient(_sum(jnp.where(kept_keys, a, 0.0) * w))
   return jnp.stack([kl_e, se_e, kl_p, se_p, kept])
@@ -155,40 +276,63 @@ def _finish(sums, teacher_aux, student_aux, row_w, H, T):
 
 
 def attention_layer_loss(teacher_aux: Mapping[str, jax.Array], student_aux: Mapping[str, jax.Array],
-                         *, K: int, query_block: int = 128,
+                         *, K: int, query_block: int | None = None,
                          key_mask: jax.Array | None = None) -> dict[str, jax.Array]:
   """Per-layer loss {"approx","prob","context","total"} (fp32 scalars), O(query_block * T) memory.
 
   teacher_aux: "q", "k", "context" (N,H,T,d), q pre-scaled; student_aux: the same plus
   "est_logits" (N,H,T,K) (absent: approx = 0, e.g. a dense student layer). key_mask: (N,T) bool.
-  T need not be a multiple of query_block: padded rows are left out of every sum.
+  T need not be a multiple of query_block (default: `blocked_attention.pick_block`): padded
+  rows are left out of every sum. Blocks of query rows are grouped by the keys they can see
+  (`blocked_attention.causal_groups`), so the T x T maps of L_prob cover about the causal
+  triangle, not the square.
   With "compressed_mask" (N,H,T,K) in student_aux the dict also holds "coverage": the mean over
   rows of the teacher's attention mass on the keys SEA kept (a diagnostic, no gradient).
   """
   qt, kt, qs, ks, est, mask, key_real, row_w = _layer_inputs(teacher_aux, student_aux, K,
                                                              key_mask)
   N, H, T, _ = qs.shape
-  B = max(1, min(query_block, T))
-  nb = -(-T // B)
-  pad = nb * B - T
+  B = max(1, min(query_block or pick_block(N * H, T, qs.shape[-1], score_bytes=SCORE_BYTES // 2,
+                                                smallest=16), T))
+  bins = est is not None or mask is not None
+  block_fn = jax.checkpoint(functools.partial(_block_terms, K=K, bins=bins))
 
-  def blocks(x):  # (N,H,T,...) -> (nb,N,H,B,...), rows zero-padded
-    x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
-    return jnp.moveaxis(x.reshape(x.shape[:2] + (nb, B) + x.shape[3:]), 2, 0)
+  def blocks(x, first, n):  # rows of blocks first..first+n-1 of (N,H,T,...) -> (n,N,H,B,...)
+    x = x[:, :, first * B:(first + n) * B]
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, n * B - x.shape[2])] + [(0, 0)] * (x.ndim - 3))
+    return jnp.moveaxis(x.reshape(x.shape[:2] + (n, B) + x.shape[3:]), 2, 0)
 
-  rows = jnp.arange(nb * B, dtype=jnp.int32).reshape(nb, B)
-  w_blocks = jnp.moveaxis(jnp.pad(row_w, [(0, 0), (0, pad)]).reshape(N, nb, B), 1, 0)
-  est_blocks = None if est is None else blocks(est)
-  mask_blocks = None if mask is None else blocks(mask)
-  block_fn = jax.checkpoint(functools.partial(_block_sums, K=K))
+  def unblock(x, rows):  # (n,N,H,B,...) -> (N,H,rows,...)
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(x.shape[:2] + (x.shape[2] * B,) + x.shape[4:])[:, :, :rows]
 
-  def body(acc, xs):
-    qt_b, qs_b, est_b, mask_b, rows_b, w_b = xs
-    return acc + block_fn(kt, ks, key_real, qt_b, qs_b, est_b, mask_b, rows_b, w_b), None
-
+  prob = jnp.zeros((2,), jnp.float32)
+  stats = []
   with jax.named_scope("attention_layer_loss"):
-    xs = (blocks(qt), blocks(qs), est_blocks, mask_blocks, rows, w_blocks)
-    sums, _ = jax.lax.scan(body, jnp.zeros((5,), jnp.float32), xs)
+    for first, n, L in causal_groups(T, B):
+      kt_l, ks_l = kt[:, :, :L], ks[:, :, :L]
+      real_l = None if key_real is None else key_real[:, :L]
+
+      def body(acc, xs, kt_l=kt_l, ks_l=ks_l, real_l=real_l):
+        qt_b, qs_b, rows_b, w_b = xs
+        sums, block_stats = block_fn(kt_l, ks_l, real_l, qt_b, qs_b, rows_b, w_b)
+        return acc + sums, block_stats
+
+      rows = first * B + jnp.arange(n * B, dtype=jnp.int32).reshape(n, B)
+      w = jnp.pad(row_w[:, first * B:(first + n) * B], [(0, 0), (0, n * B - min(n * B, T - first * B))])
+      prob, group_stats = jax.lax.scan(body, prob, (blocks(qt, first, n), blocks(qs, first, n),
+                                                    rows, jnp.moveaxis(w.reshape(N, n, B), 1, 0)))
+      if bins:  # teacher mass per bin etc. of these rows, over the keys they see
+        stats.append([unblock(x, min(n * B, T - first * B)) for x in group_stats])
+    zero = jnp.zeros((), jnp.float32)
+    kl_e = se_e = kept = zero
+    if bins:
+      mass, count, neg_entropy, spread = (jnp.concatenate(xs, axis=2) for xs in zip(*stats))
+      if est is not None:
+        kl_e, se_e = _compressed_terms(est, mass, count, neg_entropy, spread, row_w)
+      if mask is not None:  # a diagnostic, no gradient: the teacher's mass on the kept keys
+        kept = _sum(jnp.where(mask, mass, 0.0) * row_w[:, None, :, None])
+    sums = jnp.stack([kl_e, se_e, prob[0], prob[1], kept])
     return _finish(sums, teacher_aux, student_aux, row_w, H, T)
 
 
@@ -200,7 +344,7 @@ def dense_attention_layer_loss(teacher_aux: Mapping[str, jax.Array],
                                                              key_mask)
   _, H, T, _ = qs.shape
   rows = jnp.arange(T, dtype=jnp.int32)
-  sums = _block_sums(kt, ks, key_real, qt, qs, est, mask, rows, row_w, K=K)
+  sums = _dense_block_sums(kt, ks, key_real, qt, qs, est, mask, rows, row_w, K=K)
   return _finish(sums, teacher_aux, student_aux, row_w, H, T)
 
 
@@ -241,8 +385,11 @@ def logit_kl(teacher_logits: jax.Array, student_logits: jax.Array,
   weights (N,T) optional: weighted mean over tokens instead. Teacher side is stop_gradient'ed.
   """
   log_t = jax.nn.log_softmax(_teacher(teacher_logits), axis=-1)
-  log_s = jax.nn.log_softmax(_f32(student_logits), axis=-1)
-  kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)  # p_T = 0 gives 0 * finite = 0
+  p_t = jnp.exp(log_t)
+  s = _f32(student_logits)
+  # sum p_T (log p_T - s + lse(s)): linear in s but for lse, so the backward is p_S - p_T
+  kl = (jnp.sum(p_t * (log_t - s), axis=-1)
+        + jax.nn.logsumexp(s, axis=-1) * jnp.sum(p_t, axis=-1))  # p_T = 0 gives 0 * finite
   return _weighted_mean(kl, _token_weights(kl.shape, None, weights))
 
 
@@ -272,7 +419,7 @@ def _field(out: Any, name: str):
 
 
 def distillation_loss(teacher_out: Any, student_out: Any, targets: jax.Array, *, K: int,
-                      weights: LossWeights = LossWeights(), query_block: int = 128,
+                      weights: LossWeights = LossWeights(), query_block: int | None = None,
                       key_mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Global SEA distillation loss -> (total, terms), all fp32 scalars.
 

@@ -37,7 +37,7 @@ class StepSpec:
   micro_batch_size: int
   seq_len: int
   K: int = 256
-  loss_query_block: int = 128
+  loss_query_block: int | None = None  # None: blocked_attention.pick_block
   sea_k_range: tuple[int, int] | None = None  # dynamic-k training: k drawn per update
 
   @property
@@ -79,7 +79,7 @@ def _distill_loss(spec: StepSpec, student: ModelBridge, teacher: ModelBridge):
     s_out = s_model(inputs, sea_k=sea_k, dropout_rng=key, output_hidden_states=True,
                     return_attn_aux=True)
     return losses.distillation_loss(t_out, s_out, targets, K=spec.K,
-                                    query_block=min(spec.loss_query_block, spec.seq_len))
+                                    query_block=spec.loss_query_block)
   return loss
 
 
