@@ -80,21 +80,31 @@ def _perplexity_tables(results: str, trained_k: int, k_train: str | None = None
 
 
 def _stage_table(run: str) -> list[str]:
-  """Steps, tokens, and the steady-state rate (median of the logged tokens/s) per stage."""
-  md = ["| stage | steps | tokens | tokens/s (median of logged) | time at that rate |",
-        "|---|---|---|---|---|"]
-  for stage in ("teacher", "sea", "performer"):
+  """Wall time per recipe stage (summed over its runs, OUT/stage_times.jsonl), and for the
+  training stages steps, tokens and the steady-state rate (median of the logged tokens/s)."""
+  walls: dict[str, list[int]] = {}
+  for line in read_lines(os.path.join(run, "stage_times.jsonl")):
+    walls.setdefault(line["stage"], []).append(line["seconds"])
+  md = ["| stage | wall time | runs | steps | tokens | tokens/s (median of logged) |",
+        "|---|---|---|---|---|---|"]
+  for stage in ("corpus", "teacher", "sea", "performer", "perplexity", "pictures"):
+    wall = f"{sum(walls[stage]) / 60:.1f} min" if stage in walls else "-"
+    runs = str(len(walls.get(stage, []))) or "-"
+    steps = tokens = rate = "-"
     m = read_lines(os.path.join(run, stage, "metrics.jsonl"))
     cfg_path = os.path.join(run, stage, "train_config.json")
-    if not m or not os.path.isfile(cfg_path):
-      continue
-    with open(cfg_path) as f:
-      cfg = json.load(f)
-    tokens = m[-1]["step"] * cfg["args"]["batch_size"] * cfg["args"]["seq_len"]
-    rates = sorted(r["tokens_per_s"] for r in m)
-    rate = rates[len(rates) // 2]
-    md.append(f"| {stage} | {m[-1]['step']} | {tokens:,} | {rate:,.0f} | "
-              f"{tokens / rate / 60:.1f} min |")
+    if m and os.path.isfile(cfg_path):
+      with open(cfg_path) as f:
+        cfg = json.load(f)
+      steps = str(m[-1]["step"])
+      tokens = f"{m[-1]['step'] * cfg['args']['batch_size'] * cfg['args']['seq_len']:,}"
+      rates = sorted(r["tokens_per_s"] for r in m)
+      rate = f"{rates[len(rates) // 2]:,.0f}"
+    if stage in walls or steps != "-":
+      md.append(f"| {stage} | {wall} | {runs} | {steps} | {tokens} | {rate} |")
+  if walls:
+    total = sum(sum(v) for v in walls.values())
+    md.append(f"| all | {total / 60:.1f} min | | | | |")
   return md
 
 

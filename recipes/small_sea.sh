@@ -47,11 +47,23 @@ COMMON=(--seq-len "$SEQ" --batch-size "$BATCH" --keep 2 --cache-dir "$OUT/cache"
 EVAL=(--seq-len "$SEQ" --max-windows "$EVAL_WINDOWS" --no-progress)
 mkdir -p "$OUT/results"
 R="$OUT/results"
+# Wall time of every stage, one line per (re)run: OUT/stage_times.jsonl (RESULTS.md sums them).
+STAGE=""; STAGE_START=0
+stage() {  # stage NAME: closes the running stage's clock and starts NAME's
+  local now; now=$(date +%s)
+  if [[ -n "$STAGE" ]]; then
+    printf '{"stage": "%s", "seconds": %d, "ended": "%s"}\n' "$STAGE" $((now - STAGE_START)) \
+      "$(date -u +%FT%TZ)" >> "$OUT/stage_times.jsonl"
+  fi
+  STAGE=$1; STAGE_START=$now
+}
 
+stage corpus
 echo "== 0/4 corpus: held-out books, BPE tokenizer ($VOCAB tokens)" >&2
 python recipes/prepare_corpus.py --corpus "$CORPUS" --out "$DATA" --vocab-size "$VOCAB" \
   --max-train-chars "$MAX_CHARS"
 
+stage teacher
 echo "== 1/4 teacher: dense OPT, $LAYERS layers, d_model $D_MODEL, $HEADS heads, T=$SEQ" >&2
 python train.py --mode pretrain --out "$OUT/teacher" --steps "$TEACHER_STEPS" \
   --layers "$LAYERS" --d-model "$D_MODEL" --heads "$HEADS" --max-positions "$SEQ" \
@@ -59,15 +71,18 @@ python train.py --mode pretrain --out "$OUT/teacher" --steps "$TEACHER_STEPS" \
   --warmup-steps "$WARMUP" --dropout 0.0 --save-every "${SAVE_EVERY:-100}" --log-every 10 \
   "${COMMON[@]}"
 
+stage sea
 echo "== 2/4 SEA student: K=$SEA_K, k=$SEA_k (trained at k drawn from [$SEA_K_TRAIN])" >&2
 python train.py --teacher "$OUT/teacher/final" --out "$OUT/sea" --steps "$STUDENT_STEPS" \
   --attention sea --sea-K "$SEA_K" --sea-k "$SEA_k" --sea-k-train "$SEA_K_TRAIN" \
   "${STUDENT[@]}" "${COMMON[@]}"
 
+stage performer
 echo "== 3/4 Performer student (the paper's linear baseline)" >&2
 python train.py --teacher "$OUT/teacher/final" --out "$OUT/performer" --steps "$STUDENT_STEPS" \
   --attention performer "${STUDENT[@]}" "${COMMON[@]}"
 
+stage perplexity
 echo "== 4/4 perplexity: held-out books and WikiText-2 validation" >&2
 for text in heldout wikitext; do
   if [[ $text == heldout ]]; then SRC=(--text-file "$DATA/heldout.txt"); else SRC=(--protocol sea); fi
@@ -90,10 +105,13 @@ if [[ ! -s "$R/coverage_heldout.json" ]]; then  # the kept mask's coverage at th
     --text-file "$DATA/heldout.txt" --seq-len "$SEQ" --sea-k "$SEA_k" > "$R/coverage_heldout.json.tmp"
   mv -f "$R/coverage_heldout.json.tmp" "$R/coverage_heldout.json"
 fi
-python recipes/make_results.py --run "$OUT" --trained-k "$SEA_k" --out "$OUT/report"
-
+stage pictures
 echo "== pictures: what the distilled SEA student keeps, against its teacher" >&2
 python -m sea_jax.visualize --model "$OUT/sea/final" --teacher "$OUT/teacher/final" \
   --text-file "$DATA/heldout.txt" --max-tokens "${VIS_TOKENS:-$SEQ}" \
   --sea-k "$SEA_k" --out "$OUT/pictures"
+stage report
+python recipes/make_results.py --run "$OUT" --trained-k "$SEA_k" --out "$OUT/report"
+
+stage ""
 echo "wrote $OUT/report and $OUT/pictures" >&2
