@@ -31,9 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--sea-K", type=int, help="SEA compressed width K for --attention sea on a "
                                            "dense checkpoint (default 256)")
   p.add_argument("--sparse-impl", choices=("auto", "xla", "blocked", "pallas"),
-                 help="SEA sparse attention: xla (tile list), blocked (every key per query "
-                      "block), pallas; default auto: pallas on GPU/TPU, on CPU blocked below "
-                      "16 query blocks (T < 2048 at query_block 128), xla from there")
+                 help="SEA sparse attention: xla (tile list), blocked (each query block "
+                      "over the keys it can see), pallas; default auto: pallas on GPU/TPU, on "
+                      "CPU blocked below 16 query blocks (T < 2048 at query_block 128), xla "
+                      "from there")
   p.add_argument("--dense-impl", choices=("auto", "reference", "chunked", "cudnn"),
                  help="dense attention: T x T reference, chunked (one query block at a time "
                       "over the keys it can see), cuDNN flash (GPU); default auto: cuDNN on GPU "

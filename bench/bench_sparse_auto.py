@@ -2,9 +2,12 @@
 
   python bench/bench_sparse_auto.py [--lengths 512 1024 2048 4096] [--step] [--out F]
 
-1. fwd+bwd of `sparse_attention` (the tile list, "xla") against `sparse_attention_reference`
-   (every key per query block, "blocked") on coherent SEA masks, at the small recipe's heads
-   (N=8, H=8, d=32, K=64, k=32) and opt-125m's (N=1, H=12, d=64, K=256, k=64);
+1. fwd+bwd of `sparse_attention` (the tile list, "xla") against `blocked_attention` with the
+   compressed mask ("blocked": each query block against the keys it can see) and against the
+   former blocked path, `sparse_attention_reference` (every query block against all T keys), on
+   coherent SEA masks, at the small recipe's heads (N=8, H=8, d=32, K=64, k=32) and opt-125m's
+   (N=1, H=12, d=64, K=256, k=64); and, for dense attention at the same heads, the T x T
+   `dense_attention` against `blocked_attention` (what dense_impl="auto" runs on CPU);
 2. with --step: one whole distillation step of the small recipe (4 layers, d_model 256, 8 heads,
    vocabulary 8192, T=512, batch 8, K=64, k=32: teacher forward, student forward + backward,
    every loss, AdamW) for the dense pre-training step, the Performer student and the SEA student
@@ -32,6 +35,8 @@ import jax.numpy as jnp  # noqa: E402
 from bench_sea_cpu import best_time, fwd_bwd  # noqa: E402
 from bench_train_step import time_compiled_step  # noqa: E402
 from bench_sparse_attention import make_mask  # noqa: E402
+from sea_jax.attention import dense_attention  # noqa: E402
+from sea_jax.blocked_attention import blocked_attention  # noqa: E402
 from sea_jax.sea.sparse import sparse_attention, sparse_attention_reference  # noqa: E402
 
 SHAPES = {"recipe (N=8, H=8, d=32, K=64, k=32)": (8, 8, 32, 64, 32),
@@ -47,8 +52,15 @@ def path_rows(lengths, repeats):
       cm = make_mask(keys[4], "sea", N, H, T, K, k)
       args = (q * D ** -0.5, kk, v, cm, w)
       tile = best_time(fwd_bwd(lambda *a: sparse_attention(*a)), args, repeats)
-      blocked = best_time(fwd_bwd(lambda *a: sparse_attention_reference(*a)), args, repeats)
-      rows.append({"shape": label, "T": T, "xla": tile, "blocked": blocked})
+      every = best_time(fwd_bwd(lambda *a: sparse_attention_reference(*a)), args, repeats)
+      blocked = best_time(fwd_bwd(lambda q, k, v, m: blocked_attention(q, k, v,
+                                                                       compressed_mask=m)),
+                          args, repeats)
+      dense = best_time(fwd_bwd(lambda q, k, v, m: dense_attention(q, k, v)), args, repeats)
+      dense_blocked = best_time(fwd_bwd(lambda q, k, v, m: blocked_attention(q, k, v)),
+                                args, repeats)
+      rows.append({"shape": label, "T": T, "xla": tile, "every_key": every, "blocked": blocked,
+                   "dense": dense, "dense_blocked": dense_blocked})
       print(rows[-1], file=sys.stderr, flush=True)
   return rows
 
@@ -127,11 +139,18 @@ def markdown(paths, steps, topks=()) -> str:
            f"{jax.default_backend()}; jax {jax.__version__}; {datetime.date.today()}. fp32, "
            "query blocks of 128, best of the repeats."]
   if paths:
-    lines += ["", "| heads | T | query blocks | tile list (xla) fwd+bwd s | blocked fwd+bwd s "
-              "| xla / blocked |", "|---|---|---|---|---|---|"]
+    lines += ["", "SEA sparse attention, fwd+bwd s:", "",
+              "| heads | T | query blocks | tile list (xla) | blocked_attention (blocked) "
+              "| every key (former blocked) | xla / blocked |", "|---|---|---|---|---|---|---|"]
   for r in paths:
     lines.append(f"| {r['shape']} | {r['T']} | {-(-r['T'] // 128)} | {r['xla']:.3f} | "
-                 f"{r['blocked']:.3f} | {r['xla'] / r['blocked']:.2f} |")
+                 f"{r['blocked']:.3f} | {r['every_key']:.3f} | {r['xla'] / r['blocked']:.2f} |")
+  if paths:
+    lines += ["", "Dense causal attention, fwd+bwd s:", "",
+              "| heads | T | T x T reference | blocked_attention | reference / blocked |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['T']} | {r['dense']:.3f} | {r['dense_blocked']:.3f} | "
+              f"{r['dense'] / r['dense_blocked']:.2f} |" for r in paths]
   if steps:
     lines += ["", "| small recipe, one step (T=512, batch 8) | s/step | tokens/s |",
               "|---|---|---|"]

@@ -33,7 +33,8 @@ class SEAConfig:
   performer_chunk: time chunk of the causal linear attention prefix sums.
   query_block: query rows per block in the pure-JAX sparse attention.
   sparse_impl: "xla" (pure JAX tile list, work follows the kept tiles), "blocked" (pure JAX,
-    every key per query block: quadratic work, linear memory, cheaper on CPU at short T),
+    each query block over the keys it can see: causal dense work, linear memory, cheaper on
+    CPU at short T),
     "pallas" (kernel) or "auto" (pallas on GPU/TPU; on CPU blocked below
     `sea.layer.AUTO_TILE_MIN_BLOCKS` query blocks, xla from there).
   jitter: the reference's training-only key-rank noise (10% of calls); off by default.

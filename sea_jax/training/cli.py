@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--sea-K", type=int, help="SEA compressed width, a multiple of 4 (default: "
                                            "the checkpoint's, 256)")
   g.add_argument("--sparse-impl", choices=SPARSE_IMPLS,
-                 help="SEA sparse attention: xla (tile list), blocked (every key per query "
-                      "block), pallas; default auto: pallas on GPU/TPU, on CPU blocked below "
-                      "16 query blocks, xla from there")
+                 help="SEA sparse attention: xla (tile list), blocked (each query block "
+                      "over the keys it can see), pallas; default auto: pallas on GPU/TPU, on "
+                      "CPU blocked below 16 query blocks, xla from there")
   g.add_argument("--dense-impl", choices=("auto", "reference", "chunked", "cudnn"),
                  help="dense attention (teacher and dense layers): T x T reference, chunked "
                       "(one query block at a time over the keys it can see), cuDNN (GPU); "
