@@ -1,6 +1,6 @@
 """Which pure-JAX sparse path `sparse_impl="auto"` should pick on CPU, measured side by side.
 
-  python bench/bench_sparse_auto.py [--lengths 512 1024 2048 4096] [--step] [--out F]
+  python bench/bench_sparse_auto.py [--lengths 512 1024 2048 4096] [--step | --only-steps | --only-topk] [--out F]
 
 1. fwd+bwd of `sparse_attention` (the tile list, "xla") against `blocked_attention` with the
    compressed mask ("blocked": each query block against the keys it can see) and against the
@@ -10,8 +10,8 @@
    `dense_attention` against `blocked_attention` (what dense_impl="auto" runs on CPU);
 2. with --step: one whole distillation step of the small recipe (4 layers, d_model 256, 8 heads,
    vocabulary 8192, T=512, batch 8, K=64, k=32: teacher forward, student forward + backward,
-   every loss, AdamW) for the dense pre-training step, the Performer student and the SEA student
-   with either path;
+   every loss, AdamW) for the dense pre-training step (T x T reference and blocked attention),
+   the Performer student and the SEA student with either sparse path;
 3. the grouped top-k of one SEA layer's row budgets (N=1 at opt-125m's heads, the recipe's
    batch of 8 at its own): k a Python int (`lax.top_k` on octaves of rows with small budgets,
    the radix select on wide ones), k traced (the radix select) and the two-key sort that the traced path used before.
@@ -65,14 +65,15 @@ def path_rows(lengths, repeats):
   return rows
 
 
-def step_time(attention: str, mode: str, impl: str, steps: int) -> float:
+def step_time(attention: str, mode: str, impl: str, steps: int, dense_impl: str = "auto") -> float:
   from sea_jax import sharding as shd
   from sea_jax.config import OPTConfig, SEAConfig
   from sea_jax.training import models, optimizer
   from sea_jax.training.step import StepSpec, build_train_step
   cfg = OPTConfig(vocab_size=8192, num_hidden_layers=4, hidden_size=256, num_attention_heads=8,
                   ffn_dim=1024, max_position_embeddings=512, word_embed_proj_dim=256,
-                  dropout=0.0, attention=attention, sea=SEAConfig(K=64, k=32, sparse_impl=impl))
+                  dropout=0.0, attention=attention, sea=SEAConfig(K=64, k=32, sparse_impl=impl),
+                  dense_impl=dense_impl)
   mesh = shd.make_mesh(None, jax.devices()[:1])
   student = models.ModelBridge(cfg)
   teacher = models.ModelBridge(dataclasses.replace(cfg, attention="dense"))
@@ -87,13 +88,14 @@ def step_time(attention: str, mode: str, impl: str, steps: int) -> float:
 
 
 def step_rows(steps):
-  runs = [("dense pre-training step", "dense", "pretrain", "auto"),
+  runs = [("dense pre-training step, T x T reference", "dense", "pretrain", "auto", "reference"),
+          ("dense pre-training step (auto: blocked_attention)", "dense", "pretrain", "auto"),
           ("Performer student", "performer", "distill", "auto"),
           ("SEA student, tile list (xla)", "sea", "distill", "xla"),
           ("SEA student, blocked", "sea", "distill", "blocked")]
   rows = []
-  for label, attention, mode, impl in runs:
-    s = step_time(attention, mode, impl, steps)
+  for label, attention, mode, impl, *dense_impl in runs:
+    s = step_time(attention, mode, impl, steps, *dense_impl)
     rows.append({"run": label, "step_s": s, "tokens_per_s": 8 * 512 / s})
     print(rows[-1], file=sys.stderr, flush=True)
   return rows
@@ -170,10 +172,13 @@ def main(argv=None) -> None:
   p.add_argument("--step", action="store_true", help="also time the small recipe's train steps")
   p.add_argument("--steps", type=int, default=3, help="timed steps per run with --step")
   p.add_argument("--only-topk", action="store_true", help="only the top-k table")
+  p.add_argument("--only-steps", action="store_true", help="only the train-step table")
   p.add_argument("--out", help="write the markdown tables here too")
   args = p.parse_args(argv)
   if args.only_topk:
     text = markdown([], [], topk_rows(args.repeats))
+  elif args.only_steps:
+    text = markdown([], step_rows(args.steps))
   else:
     text = markdown(path_rows(args.lengths, args.repeats),
                     step_rows(args.steps) if args.step else [], topk_rows(args.repeats))

@@ -208,7 +208,7 @@ def _long_llama(attention: str, T: int):
 @pytest.mark.parametrize("attention", ["dense", "sea"])
 def test_causal_at_8192_tokens(attention, rng):
   """Changing token p leaves every logit before p unchanged and changes those from p on, at
-  T = 8192 (dense: the chunked path that "auto" takes beyond 2048; SEA: tile-list sparse)."""
+  T = 8192 (dense: `blocked_attention`, what "auto" takes on CPU; SEA: tile-list sparse)."""
   T, p = 8192, 5000
   model = _long_llama(attention, T)
   ids = rng.integers(0, 512, size=(1, T))
@@ -222,7 +222,7 @@ def test_causal_at_8192_tokens(attention, rng):
 
 def test_long_context_forward_memory_is_linear_in_length():
   """Compiled temp bytes of the tiny Llama forward at T = 4096 vs 16384 (dense "auto", i.e.
-  chunked, and SEA) grow about linearly; a T x T score tensor per head would be 16x."""
+  `blocked_attention`, and SEA) grow about linearly; a T x T score tensor per head would be 16x."""
   def temp(attention, T):
     graph, state = nnx.split(_long_llama(attention, T))
     ids = jax.ShapeDtypeStruct((1, T), jnp.int32)

@@ -41,6 +41,9 @@ def test_recipe_stages_run_end_to_end_at_toy_size(tmp_path):
   assert "dense teacher" in table and "Performer" in table and "coverage" in table
   for png in ("k_sweep.png", "distillation.png"):
     assert (report / png).stat().st_size > 1000
+  stages = [json.loads(l)["stage"] for l in open(tmp_path / "small" / "stage_times.jsonl")]
+  assert stages == ["corpus", "teacher", "sea", "performer", "perplexity", "pictures", "report"]
+  assert "| teacher | " in table and "| all | " in table  # the stage table's wall times
   # each stage resumes: re-running the finished recipe trains nothing more
   metrics = (tmp_path / "small" / "sea" / "metrics.jsonl").read_text()
   again = subprocess.run(["bash", "recipes/small_sea.sh"], cwd=REPO, env=env,

@@ -1,5 +1,6 @@
 """SEA's fwd+bwd memory grows linearly in T; dense attention's grows quadratically (the T x T
-reference), or linearly on the chunked path that `dense_impl="auto"` takes beyond 2048 tokens.
+reference), or linearly on the blocked path (`blocked_attention`) that `dense_impl="auto"` takes
+on CPU at every length.
 
 Compiles (does not run) grad of sum(context) w.r.t. q, k, v and the layer's params at opt-125m
 head shapes (N=1, H=12, d=64, K=256, k=64) and reads XLA's planned temp bytes.
