@@ -48,12 +48,14 @@ def test_two_processes_match_single_process(shared, tmp_path):
   # The two runs reduce gradients in a different order (gloo across processes vs one process),
   # so they differ by float32 rounding, which Adam can blow up to a full step of size lr on a
   # parameter whose gradient is ~0 (an Adam step is at most ~lr per element here: |m̂/√v̂| <= 1
-  # for these few steps). What the arithmetic guarantees, on any processor:
-  #  - the whole parameter vector agrees to float32 rounding relative to its norm, and
+  # for these few steps; the first step is lr·sign(g), whatever |g|). What holds on any processor:
+  #  - the whole parameter vector agrees to 1e-4 of its norm: rounding-level everywhere except
+  #    the few elements with a near-zero gradient (measured: 1.8e-5, the same on two CPUs; most
+  #    of it is ~100 entries of the tied embedding and the SEA value table), and
   #  - no element differs by more than two Adam steps per optimizer step of its group.
   flat_a = np.concatenate([a[k].ravel() for k in sorted(a)])
   flat_b = np.concatenate([b[k].ravel() for k in sorted(b)])
-  assert relative_error(flat_a, flat_b) < 1e-5
+  assert relative_error(flat_a, flat_b) < 1e-4
   steps = 4
   for key in a:
     lr = 1e-3 if ".core." in f".{key}." else 1e-4  # --lr-sea / --lr-pretrained of distill_args
