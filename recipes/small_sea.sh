@@ -11,7 +11,7 @@
 #   4. RESULTS.md table and plots (k sweep, loss terms, gates, coverage), and pictures of what
 #      the SEA student keeps against its teacher.
 #
-#   bash recipes/small_sea.sh            # the full recipe (about 3 h on 2 unshared Xeon cores)
+#   bash recipes/small_sea.sh            # the full recipe (under 2 h on 2 unshared Xeon cores: RESULTS.md)
 #   TOY=1 bash recipes/small_sea.sh      # every stage at toy size in about a minute (CI)
 #
 # Every setting below can be overridden from the environment.
@@ -28,7 +28,7 @@ if [[ "${TOY:-0}" == 1 ]]; then
   MAX_CHARS=${MAX_CHARS:-200000} WARMUP=${WARMUP:-1} STUDENT_WARMUP=${STUDENT_WARMUP:-1}
 else
   LAYERS=${LAYERS:-4} D_MODEL=${D_MODEL:-256} HEADS=${HEADS:-8} SEQ=${SEQ:-512}
-  VOCAB=${VOCAB:-8192} TEACHER_STEPS=${TEACHER_STEPS:-2200} STUDENT_STEPS=${STUDENT_STEPS:-700}
+  VOCAB=${VOCAB:-8192} TEACHER_STEPS=${TEACHER_STEPS:-2000} STUDENT_STEPS=${STUDENT_STEPS:-600}
   BATCH=${BATCH:-8} SEA_K=${SEA_K:-64} SEA_k=${SEA_k:-32} SEA_K_TRAIN=${SEA_K_TRAIN:-16,512}
   EVAL_WINDOWS=${EVAL_WINDOWS:-50}
   KS=${KS:-8,16,32,128,512} MAX_CHARS=${MAX_CHARS:-0} WARMUP=${WARMUP:-100}
