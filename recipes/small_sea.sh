@@ -11,7 +11,7 @@
 #   4. RESULTS.md table and plots (k sweep, loss terms, gates, coverage), and pictures of what
 #      the SEA student keeps against its teacher.
 #
-#   bash recipes/small_sea.sh            # the full recipe (under 2 h on 2 unshared Xeon cores: RESULTS.md)
+#   bash recipes/small_sea.sh            # the full recipe (119.8 min on 2 idle EPYC cores: RESULTS.md)
 #   TOY=1 bash recipes/small_sea.sh      # every stage at toy size in about a minute (CI)
 #
 # Every setting below can be overridden from the environment.
