@@ -12,6 +12,7 @@ initialised from `config.sea.seed`; any other missing variable is an error.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -105,8 +106,12 @@ def save_params(state_or_dict: Any, folder: str) -> None:
   if isinstance(tree, nnx.State):
     tree = nnx.to_pure_dict(tree)
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.abspath(os.path.join(folder, PARAMS_DIR)), tree, force=True)
-  ckpt.wait_until_finished()
+  try:
+    ckpt.save(os.path.abspath(os.path.join(folder, PARAMS_DIR)), tree, force=True)
+    ckpt.wait_until_finished()
+  finally:  # a failed save (full disk) must not leave writer threads behind the caller's cleanup
+    with contextlib.suppress(Exception):
+      ckpt.close()
 
 
 def write_config(config, folder: str) -> None:

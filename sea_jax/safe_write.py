@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -129,5 +130,19 @@ def atomic_folder(dst: str | os.PathLike) -> Iterator[Path]:
       dst.rmdir()
     os.rename(tmp, dst)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_tree(tmp)
     raise
+
+
+def _remove_tree(path: Path, quiet_s: float = 1.0, limit_s: float = 30.0) -> None:
+  """Removes `path` and keeps removing it until it has stayed absent for `quiet_s`: a failed
+  Orbax save (a full disk) can leave tensorstore threads that recreate its folders
+  (`params.orbax-checkpoint-tmp/ocdbt.process_0/d`) after the exception reached us."""
+  start = last_seen = time.monotonic()
+  while time.monotonic() - start < limit_s:
+    if path.exists():
+      shutil.rmtree(path, ignore_errors=True)
+      last_seen = time.monotonic()
+    elif time.monotonic() - last_seen >= quiet_s:
+      return
+    time.sleep(0.05)
