@@ -4,6 +4,7 @@ Every test draws fresh random inputs; the seed is printed in assertion messages.
 """
 from __future__ import annotations
 
+import functools
 import math
 from fractions import Fraction
 
@@ -336,7 +337,10 @@ def test_expand_mask_matches_reference(T, K):
 # --- sparse attention --------------------------------------------------------------------------
 
 
-SPARSE_OPS = {"tiles": sparse_attention, "reference": sparse_attention_reference}
+# "tiles" runs the tile list on every rung; the default hands the every-tile rung to
+# blocked_attention (both must equal the reference).
+SPARSE_OPS = {"tiles": functools.partial(sparse_attention, full_rung="tiles"),
+              "default": sparse_attention, "reference": sparse_attention_reference}
 
 
 @pytest.mark.parametrize("op", SPARSE_OPS)
@@ -399,8 +403,9 @@ def test_sparse_attention_visits_only_tiles_with_kept_keys_and_any_rung_is_exact
   assert 0 < n_visited < total, f"seed={seed}"
   want = ref_masked_attention(*(np.asarray(x) for x in (q, k, v)), dense)
   for caps in ((1, 2, total), (n_visited, total), (n_visited - 1, n_visited + 3, total), (total,)):
-    got = sparse_attention(q, k, v, mask, query_block=B, capacities=caps)
-    assert rel_err(got, want) <= 1e-5, f"seed={seed} capacities={caps}"
+    for full_rung in ("tiles", "blocked"):
+      got = sparse_attention(q, k, v, mask, query_block=B, capacities=caps, full_rung=full_rung)
+      assert rel_err(got, want) <= 1e-5, f"seed={seed} capacities={caps} {full_rung}"
   with pytest.raises(ValueError, match="every causal tile"):
     sparse_attention(q, k, v, mask, query_block=B, capacities=(n_visited,))
 

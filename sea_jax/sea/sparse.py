@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sea_jax.blocked_attention import blocked_attention
 from sea_jax.sea.bins import bin_index
 from sea_jax.sea.block_map import visited_tiles
 
@@ -266,8 +267,8 @@ _tile_core.defvjp(_tile_core_fwd, _tile_core_bwd)
 
 
 def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, compressed_mask: jax.Array, *,
-                     query_block: int = 128, capacities: tuple[int, ...] | None = None
-                     ) -> jax.Array:
+                     query_block: int = 128, capacities: tuple[int, ...] | None = None,
+                     full_rung: str = "blocked") -> jax.Array:
   """softmax over kept keys, times v: q (N,H,T,d), k, v (N,Hkv,T,d), M̂ (N,H,T,K) bool
   -> (N,H,T,d); query head h reads kv head h // (H // Hkv), k and v are never repeated.
 
@@ -276,17 +277,21 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, compressed_mask: 
   Tiles are query_block × query_block. Work: the visited tiles, rounded up to the rung of
   `capacities` (default `tile_ladder`; its last entry must hold every causal tile of every
   head). Memory: O(T·d) accumulators plus the (N·H, nb, nb) block map; nothing T × T.
+
+  full_rung: what runs when only the last rung (every causal tile) holds the visited tiles.
+  "blocked" (default): `blocked_attention`, the same every-key work as large matmuls, which on
+  CPU costs 0.35-0.7x the per-tile loop (an untrained estimator's mask visits nearly every
+  tile; BENCHMARKS.md, "the every-key rung"). "tiles": the tile list itself.
   """
   check_shapes(q, k, v, compressed_mask)
+  if full_rung not in ("blocked", "tiles"):
+    raise ValueError(f"full_rung must be 'blocked' or 'tiles', got {full_rung!r}")
   N, H, T, d = q.shape
   B = max(1, min(query_block, T))
   nb = -(-T // B)
   pad = nb * B - T
-  if pad:
-    widths = ((0, 0), (0, 0), (0, pad), (0, 0))
-    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
-    compressed_mask = jnp.pad(compressed_mask, widths)
-  visited = causal_visited_tiles(jax.lax.stop_gradient(compressed_mask), B)
+  widths = ((0, 0), (0, 0), (0, pad), (0, 0))
+  visited = causal_visited_tiles(jax.lax.stop_gradient(jnp.pad(compressed_mask, widths)), B)
   visited = visited.reshape(N * H, nb, nb)
   caps = tuple(capacities) if capacities is not None else tile_ladder(N * H, nb)
   if list(caps) != sorted(caps) or caps[-1] < N * H * nb * (nb + 1) // 2:
@@ -294,12 +299,22 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, compressed_mask: 
                      f", got {caps}")
   need = jnp.sum(visited)
   rung = jnp.sum(need > jnp.asarray(caps[:-1], jnp.int32)) if len(caps) > 1 else 0
-  def branch(C):
+
+  def tiles(C):
     def run(q, k, v, cm, visited):
-      return _tile_core(q, k, v, cm, _tile_list(visited, C), B)
+      q, k, v, cm = (jnp.pad(x, widths) for x in (q, k, v, cm))
+      out = _tile_core(q, k, v, cm, _tile_list(visited, C), B).reshape(N, H, nb * B, d)
+      return out[:, :, :T].astype(v.dtype)
     return run
 
-  out = jax.lax.switch(rung, [branch(C) for C in caps], q, k, v, compressed_mask, visited)
-  out = out.reshape(N, H, nb * B, d)
-  return out[:, :, :T].astype(v.dtype)
+  def every_key(q, k, v, cm, visited):
+    del visited
+    return blocked_attention(q, k, v, compressed_mask=cm).astype(v.dtype)
+
+  branches = [tiles(C) for C in caps]
+  if full_rung == "blocked":
+    branches[-1] = every_key
+  if len(branches) == 1:
+    return branches[0](q, k, v, compressed_mask, visited)
+  return jax.lax.switch(rung, branches, q, k, v, compressed_mask, visited)
 
