@@ -5,7 +5,9 @@ rebuilt per tile and never stored for all T × T pairs.
 
 `sparse_attention` (the contract) visits only the (head, query block, key block) tiles that
 hold a kept key (`block_map.visited_tiles`), so its work follows the kept keys; see the tile-list
-section below. `sparse_attention_reference` is the plain form it is tested against: every
+section below. When the kept keys touch so many tiles that only the ladder's last rung (every
+causal tile) holds them, as an untrained estimator's scattered mask does, that rung runs
+`blocked_attention`: the same every-key work in large matmuls, cheaper than the per-tile loop. `sparse_attention_reference` is the plain form it is tested against: every
 query block against all T keys (quadratic work, linear memory).
 
 Grouped-query attention: k and v may have Hkv heads, H % Hkv == 0; query head h reads kv head
