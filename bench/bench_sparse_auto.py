@@ -1,6 +1,8 @@
 """Which pure-JAX sparse path `sparse_impl="auto"` should pick on CPU, measured side by side.
 
-  python bench/bench_sparse_auto.py [--lengths 512 1024 2048 4096] [--step | --only-steps | --only-topk] [--out F]
+  python bench/bench_sparse_auto.py [--lengths 512 1024 2048 4096] [--step | --only-steps | --only-topk]
+                                    [--out F]
+  python bench/bench_sparse_auto.py --only-full-rung --lengths 2048 4096 8192
 
 1. fwd+bwd of `sparse_attention` (the tile list, "xla") against `blocked_attention` with the
    compressed mask ("blocked": each query block against the keys it can see) and against the
@@ -15,6 +17,8 @@
 3. the grouped top-k of one SEA layer's row budgets (N=1 at opt-125m's heads, the recipe's
    batch of 8 at its own): k a Python int (`lax.top_k` on octaves of rows with small budgets,
    the radix select on wide ones), k traced (the radix select) and the two-key sort that the traced path used before.
+4. with --only-full-rung: the tile list on every rung against the default, whose every-tile
+   rung runs `blocked_attention`, on scattered and coherent masks (`full_rung_rows`).
 Ratios are within one run. `sea_jax.sea.layer.AUTO_TILE_MIN_BLOCKS` is set from these figures.
 """
 from __future__ import annotations
@@ -51,7 +55,8 @@ def path_rows(lengths, repeats):
       q, kk, v, w = (jax.random.normal(keys[i], (N, H, T, D)) for i in range(4))
       cm = make_mask(keys[4], "sea", N, H, T, K, k)
       args = (q * D ** -0.5, kk, v, cm, w)
-      tile = best_time(fwd_bwd(lambda *a: sparse_attention(*a)), args, repeats)
+      tile = best_time(fwd_bwd(lambda *a: sparse_attention(*a, full_rung="tiles")), args,
+                       repeats)
       every = best_time(fwd_bwd(lambda *a: sparse_attention_reference(*a)), args, repeats)
       blocked = best_time(fwd_bwd(lambda q, k, v, m: blocked_attention(q, k, v,
                                                                        compressed_mask=m)),
@@ -63,6 +68,49 @@ def path_rows(lengths, repeats):
                    "dense": dense, "dense_blocked": dense_blocked})
       print(rows[-1], file=sys.stderr, flush=True)
   return rows
+
+
+# (H, Hkv, d) of the every-tile rung's table: opt-125m, and the long-context small Llama.
+RUNG_SHAPES = {"opt-125m (H=12, d=64)": (12, 12, 64), "small Llama (H=8, Hkv=2, d=32)": (8, 2, 32)}
+
+
+def full_rung_rows(lengths, repeats):
+  """The tile list run on every rung against the default (its every-tile rung handed to
+  blocked_attention), on an untrained estimator's kind of mask ("random": scattered bins, nearly
+  every tile visited) and a coherent one ("sea"); K=256, k=64, N=1."""
+  from sea_jax.sea.sparse import causal_visited_tiles
+  rows = []
+  for label, (H, Hkv, D) in RUNG_SHAPES.items():
+    for T in lengths:
+      keys = jax.random.split(jax.random.key(0), 5)
+      q, w = (jax.random.normal(keys[i], (1, H, T, D)) for i in (0, 3))
+      kk, v = (jax.random.normal(keys[i], (1, Hkv, T, D)) for i in (1, 2))
+      for kind in ("random", "sea"):
+        cm = make_mask(keys[4], kind, 1, H, T, 256, 64)
+        vis = causal_visited_tiles(cm, 128)
+        nb = vis.shape[-1]
+        row = {"shape": label, "T": T, "mask": kind,
+               "visited": float(jnp.sum(vis)) / (H * nb * (nb + 1) / 2)}
+        for name, rung in (("tiles", "tiles"), ("default", "blocked")):
+          op = lambda q, k, v, m, rung=rung: sparse_attention(q, k, v, m, full_rung=rung)  # noqa: E731
+          row[f"{name}_fwd"] = best_time(jax.jit(op), (q * D ** -0.5, kk, v, cm), repeats)
+          row[f"{name}_fb"] = best_time(fwd_bwd(op), (q * D ** -0.5, kk, v, cm, w), repeats)
+        rows.append(row)
+        print(row, file=sys.stderr, flush=True)
+  return rows
+
+
+def full_rung_markdown(rows) -> str:
+  lines = [f"Device: {platform.machine()}, {os.cpu_count()} cores, backend "
+           f"{jax.default_backend()}; jax {jax.__version__}; {datetime.date.today()}. fp32, "
+           "tiles 128 x 128, K=256, k=64, best of the repeats. tiles: every rung is the tile "
+           "list; default: the every-tile rung runs blocked_attention.", "",
+           "| heads | T | mask | visited causal tiles | tiles fwd s | default fwd s | tiles fwd+bwd s "
+           "| default fwd+bwd s | default / tiles, fwd+bwd |", "|---|---|---|---|---|---|---|---|---|"]
+  lines += [f"| {r['shape']} | {r['T']} | {r['mask']} | {r['visited']:.3f} | "
+            f"{r['tiles_fwd']:.3f} | {r['default_fwd']:.3f} | {r['tiles_fb']:.3f} | "
+            f"{r['default_fb']:.3f} | {r['default_fb'] / r['tiles_fb']:.2f} |" for r in rows]
+  return "\n".join(lines) + "\n"
 
 
 def step_time(attention: str, mode: str, impl: str, steps: int, dense_impl: str = "auto") -> float:
@@ -173,9 +221,14 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=3, help="timed steps per run with --step")
   p.add_argument("--only-topk", action="store_true", help="only the top-k table")
   p.add_argument("--only-steps", action="store_true", help="only the train-step table")
+  p.add_argument("--only-full-rung", action="store_true",
+                 help="only the every-tile rung table (tile list vs blocked_attention), at "
+                      "--lengths")
   p.add_argument("--out", help="write the markdown tables here too")
   args = p.parse_args(argv)
-  if args.only_topk:
+  if args.only_full_rung:
+    text = full_rung_markdown(full_rung_rows(args.lengths, args.repeats))
+  elif args.only_topk:
     text = markdown([], [], topk_rows(args.repeats))
   elif args.only_steps:
     text = markdown([], step_rows(args.steps))

@@ -60,13 +60,32 @@ def pick_block(rows_per_step: int, T: int, head_dim: int, *, score_bytes: int = 
 
 def expand_rows(compressed_rows: jax.Array, rows: jax.Array, L: int) -> jax.Array:
   """SEA's dense mask of some query rows over keys [0, L): (..., B, K) bool with rows (B,) ->
-  (..., B, L), M[t, s] = M̂[t, bin_t(s)] for s <= t, else False."""
-  K = compressed_rows.shape[-1]
+  (..., B, L), M[t, s] = M̂[t, bin_t(s)] for s <= t, else False.
+
+  The leading (batch, head) masks share the rows' bins, so they are packed as bits of one
+  unsigned word per (row, bin) (8, 16 or 32 of them per word), gathered once per (row, key)
+  and unpacked with shifts: the per-element gather, which cost more than the block's scores at
+  head dim 32, runs once per word instead of once per head.
+  """
+  lead, (B, K) = compressed_rows.shape[:-2], compressed_rows.shape[-2:]
+  P = int(np.prod(lead, dtype=np.int64))
   s = jnp.arange(L, dtype=jnp.int32)[None, :]
   t = rows[:, None]
-  bins = jnp.clip(bin_index(t, s, K), 0, K - 1)
-  idx = jnp.broadcast_to(bins, compressed_rows.shape[:-1] + (L,))
-  return jnp.take_along_axis(compressed_rows, idx, axis=-1) & (s <= t)
+  bins = jnp.clip(bin_index(t, s, K), 0, K - 1)  # (B, L)
+  width = 8 if P <= 8 else 16 if P <= 16 else 32
+  utype = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[width]
+  words = -(-P // width)
+  m = compressed_rows.reshape(P, B, K)
+  if words * width > P:
+    m = jnp.pad(m, ((0, words * width - P), (0, 0), (0, 0)))
+  shift = jnp.arange(width, dtype=utype)
+  packed = jnp.sum(m.reshape(words, width, B, K).astype(utype) << shift[:, None, None], axis=1,
+                   dtype=utype)  # (words, B, K): disjoint bits, so the sum is an OR
+  got = jnp.take_along_axis(packed, jnp.broadcast_to(bins, (words, B, L)), axis=-1,
+                            mode="promise_in_bounds")
+  bits = (got[:, None] >> shift[None, :, None, None]) & utype(1)  # (words, width, B, L)
+  dense = bits.reshape(words * width, B, L)[:P].astype(bool)
+  return dense.reshape(lead + (B, L)) & (s <= t)
 
 
 def _visible(rows, L, key_real, cmask_blk):

@@ -81,12 +81,17 @@ def test_forward_matches_float64_softmax(rng, N, H, Hkv, T, d, B, K, pad):
   assert relative_error(got, want) < 2e-6
 
 
-def test_expand_rows_equals_the_spec_expansion(rng):
-  N, H, T, K = 2, 3, 45, 8
-  compressed = jnp.asarray(rng.random((N, H, T, K)) < 0.5)
+@pytest.mark.parametrize("lead", [(2, 3), (1, 1), (3, 5), (5, 9)])  # 8-, 16-, 32-bit words, 2 words
+def test_expand_rows_equals_the_spec_expansion(rng, lead):
+  T, K = 45, 8
+  compressed = rng.random((*lead, T, K)) < 0.5
   rows = jnp.arange(T, dtype=jnp.int32)
-  np.testing.assert_array_equal(np.asarray(expand_rows(compressed, rows, T)),
-                                np.asarray(expand_mask(compressed, T)))
+  got = np.asarray(expand_rows(jnp.asarray(compressed), rows, T))
+  t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+  bins = np.clip(((2 * s + 1) * K - 1) // (2 * (t + 1)), 0, K - 1)
+  want = np.take_along_axis(compressed, np.broadcast_to(bins, (*lead, T, T)), axis=-1) & (s <= t)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got, np.asarray(expand_mask(jnp.asarray(compressed), T)))
 
 
 @pytest.mark.parametrize("Hkv,K,pad", [(4, None, True), (2, 8, False)])

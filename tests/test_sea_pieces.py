@@ -212,6 +212,19 @@ def test_bins_match_float_formula(T, K):
   assert np.array_equal(np.asarray(nonempty_bins(T, K)), ref_nonempty(T, K))
 
 
+@pytest.mark.parametrize("K", [4, 64, 256, 1024])
+def test_bin_index_is_the_exact_integer_quotient_at_long_context(K):
+  """bin_index estimates the quotient in float32 and corrects it: exact up to 2M rows (or
+  where (2s + 1) K leaves int32), far past where float32 alone holds (2s + 1) K."""
+  rng, seed = make_rng()
+  t = rng.integers(0, min(2 ** 21, 2 ** 30 // K), 200_000)
+  s = (rng.random(t.shape) * (t + 1)).astype(np.int64)
+  s[:1000] = t[:1000]  # the last key and the first of each row, where the quotient is largest
+  s[1000:2000] = 0
+  want = ((2 * s + 1) * K - 1) // (2 * (t + 1))
+  assert np.array_equal(np.asarray(bin_index(t, s, K)), want), f"seed={seed}"
+
+
 # --- budget and grouped top-k ------------------------------------------------------------------
 
 
