@@ -80,8 +80,9 @@ def main() -> None:
     peak = converter_peak_rss(os.path.join(tmp, "hf"), os.path.join(tmp, "sj"))
     flax32 = flax_tokens_per_s(os.path.join(tmp, "sj"), windows, "float32", args.repeats)
     flax16 = flax_tokens_per_s(os.path.join(tmp, "sj"), windows, "bfloat16", args.repeats)
+    # fresh SEA modules, k = 64: the work, not the accuracy
     sea32 = flax_tokens_per_s(os.path.join(tmp, "sj"), windows, "float32", args.repeats,
-                              attention="sea", sea_K=256)  # fresh SEA modules, k = 64: the work, not the accuracy
+                              attention="sea", sea_K=256)
   model_bytes = params * 4
   rows = [
       f"Device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -7,8 +7,9 @@ rebuilt per tile and never stored for all T × T pairs.
 hold a kept key (`block_map.visited_tiles`), so its work follows the kept keys; see the tile-list
 section below. When the kept keys touch so many tiles that only the ladder's last rung (every
 causal tile) holds them, as an untrained estimator's scattered mask does, that rung runs
-`blocked_attention`: the same every-key work in large matmuls, cheaper than the per-tile loop. `sparse_attention_reference` is the plain form it is tested against: every
-query block against all T keys (quadratic work, linear memory).
+`blocked_attention`: the same every-key work in large matmuls, cheaper than the per-tile loop.
+`sparse_attention_reference` is the plain form it is tested against: every query block against
+all T keys (quadratic work, linear memory).
 
 Grouped-query attention: k and v may have Hkv heads, H % Hkv == 0; query head h reads kv head
 h // G, G = H // Hkv (Hugging Face's `repeat_kv` order). k and v are never repeated to H heads:
@@ -282,8 +283,9 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, compressed_mask: 
 
   full_rung: what runs when only the last rung (every causal tile) holds the visited tiles.
   "blocked" (default): `blocked_attention`, the same every-key work as large matmuls, which on
-  CPU costs 0.35-0.7x the per-tile loop (an untrained estimator's mask visits nearly every
-  tile; BENCHMARKS.md, "the every-key rung"). "tiles": the tile list itself.
+  CPU costs 0.46-0.90x the per-tile loop forward, 0.65-1.0x forward and backward (an untrained
+  estimator's mask visits nearly every tile; BENCHMARKS.md, "The every-tile rung runs
+  blocked_attention"). "tiles": the tile list itself.
   """
   check_shapes(q, k, v, compressed_mask)
   if full_rung not in ("blocked", "tiles"):
