@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sea_jax.config import DENSE_IMPLS
+
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
@@ -35,10 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "over the keys it can see), pallas; default auto: pallas on GPU/TPU, on "
                       "CPU blocked below 16 query blocks (T < 2048 at query_block 128), xla "
                       "from there")
-  p.add_argument("--dense-impl", choices=("auto", "reference", "chunked", "cudnn"),
+  p.add_argument("--dense-impl", choices=DENSE_IMPLS,
                  help="dense attention: T x T reference, chunked (one query block at a time "
-                      "over the keys it can see), cuDNN flash (GPU); default auto: cuDNN on GPU "
-                      "in bf16, else chunked")
+                      "over the keys it can see), cuDNN flash (GPU), splash (TPU); default auto: "
+                      "cuDNN on GPU in bf16, splash on TPU, else chunked")
   p.add_argument("--seq-len", type=int,
                  help="window length (default: the model's max positions, at most 2048)")
   p.add_argument("--batch-size", type=int, help="windows per step (default: data x fsdp size)")

@@ -153,14 +153,46 @@ def dense_attention_cudnn(q, k, v):
   return out.transpose(0, 2, 1, 3)
 
 
+SPLASH_BLOCK = 128  # splash attention's tile (TPU lanes); T is padded up to a multiple of it
+
+
+def dense_attention_splash(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Causal attention with splash attention (Pallas TPU flash attention, forward and backward):
+  q (N,H,T,d) pre-scaled, k, v (N,Hkv,T,d) -> (N,H,T,d) in v.dtype; GQA through the
+  multi-query kernel per kv head (k, v never repeated); no padding mask (a padded batch takes
+  the chunked path). T is padded at the end to a multiple of SPLASH_BLOCK: causality hides the
+  padded keys from every real query. Off TPU the kernel runs interpreted (tests)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  N, H, T, d = q.shape
+  Hkv = k.shape[1]
+  G = H // Hkv
+  Tp = -(-T // SPLASH_BLOCK) * SPLASH_BLOCK
+  if Tp > T:
+    widths = ((0, 0), (0, 0), (0, Tp - T), (0, 0))
+    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+  mask = sm.MultiHeadMask([sm.CausalMask((Tp, Tp)) for _ in range(G)])
+  b = SPLASH_BLOCK
+  sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                        block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+  kernel = sk.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                              interpret=jax.default_backend() != "tpu")
+  q_groups = q.reshape(N, Hkv, G, Tp, d)
+  out = jax.vmap(jax.vmap(kernel))(q_groups, k.astype(q.dtype), v.astype(q.dtype))
+  return out.reshape(N, H, Tp, d)[:, :, :T].astype(v.dtype)
+
+
 def resolve_dense_impl(impl: str, dtype) -> str:
   """The dense implementation that `impl` means for this backend and dtype: "auto" is cuDNN on
-  GPU in bf16/fp16, else "chunked" (`blocked_attention`: at every length it holds O(block · T)
-  per head, and on CPU it runs 2-3x faster than the T x T reference; BENCHMARKS.md)."""
+  GPU in bf16/fp16, splash attention on TPU, else "chunked" (`blocked_attention`: at every
+  length it holds O(block · T) per head, and on CPU it runs 2-3x faster than the T x T
+  reference; BENCHMARKS.md)."""
   if impl != "auto":
     return impl
   if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
+  if jax.default_backend() == "tpu":
+    return "splash"
   return "chunked"
 
 
@@ -181,7 +213,9 @@ class DenseAttention(nnx.Module):
         context = dense_attention(q, k, v, key_mask)
       elif impl == "cudnn" and key_mask is None:
         context = dense_attention_cudnn(q, k, v)
-      elif impl in ("chunked", "cudnn"):  # cuDNN takes no padding mask
+      elif impl == "splash" and key_mask is None:
+        context = dense_attention_splash(q, k, v)
+      elif impl in ("chunked", "cudnn", "splash"):  # cuDNN and splash take no padding mask
         context = blocked_attention(q, k, v, key_mask=key_mask)
       else:
         raise ConfigError(f"unknown dense_impl {impl!r}; choose from {DENSE_IMPLS}")

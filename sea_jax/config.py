@@ -15,7 +15,7 @@ from sea_jax.errors import UserError
 
 ATTENTION_KINDS = ("dense", "sea", "performer")
 SPARSE_IMPLS = ("auto", "xla", "blocked", "pallas")
-DENSE_IMPLS = ("auto", "reference", "chunked", "cudnn")
+DENSE_IMPLS = ("auto", "reference", "chunked", "cudnn", "splash")
 MAX_POSITION_ROWS = 8192  # default cap on the rows of SEA's position table P (SEAConfig)
 
 
@@ -81,8 +81,9 @@ class RuntimeConfig:
   attention: "dense", "sea" or "performer" for every layer in `attention_layers`
     (None = all layers); the other layers stay dense.
   dense_impl: how dense attention runs: "reference" (T x T scores), "chunked" (one query
-    block at a time over the keys it can see, XLA), "cudnn" (GPU flash attention) or "auto"
-    (cuDNN on GPU for bf16/fp16, else chunked).
+    block at a time over the keys it can see, XLA), "cudnn" (GPU flash attention), "splash"
+    (TPU splash attention; interpreted elsewhere, for tests) or "auto" (cuDNN on GPU for
+    bf16/fp16, splash on TPU, else chunked).
   """
   dtype: str = "float32"
   param_dtype: str = "float32"

@@ -154,3 +154,44 @@ def test_memory_grows_linearly_in_length():
   print(f"temp bytes: T=1024 {small}, T=4096 {large}")
   assert large < 6 * small
   assert large < N * H * 4096 * 4096 * 4  # below one fp32 T x T score tensor
+
+
+# --- splash attention (dense_impl="splash": TPU; interpreted here) -----------------------------
+
+
+@pytest.mark.parametrize("Hkv", [4, 2])
+def test_splash_attention_matches_float64_softmax_and_autodiff(rng, Hkv):
+  """dense_attention_splash (interpreted off TPU) against the float64 softmax and the fp64
+  autodiff of the T x T reference; T not a multiple of the 128 tile, grouped-query heads."""
+  from sea_jax.attention import dense_attention_splash
+  N, H, T, d = 1, 4, 150, 32
+  q, k, v, _, _ = _inputs(rng, N, H, Hkv, T, d)
+  got = dense_attention_splash(*map(jnp.asarray, (q, k, v)))
+  want = _attention_np(q, k, v, _visible_np(N, H, T))
+  assert got.shape == (N, H, T, d) and got.dtype == jnp.float32
+  assert relative_error(got, want) <= 1e-5
+  w = rng.standard_normal((N, H, T, d))
+  grads = jax.grad(lambda *a: jnp.sum(dense_attention_splash(*a) * w), (0, 1, 2))(
+      *map(jnp.asarray, (q, k, v)))
+  with jax.enable_x64():
+    ref = jax.grad(lambda *a: jnp.sum(dense_attention(*a) * w), (0, 1, 2))(
+        *(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+  for name, g, r in zip("qkv", grads, ref):
+    assert g.shape == r.shape and relative_error(g, r) <= 1e-4, name
+
+
+def test_dense_impl_splash_takes_the_chunked_path_for_padded_batches(rng):
+  """Splash has no padding mask: with key_mask the seam runs blocked_attention instead."""
+  from sea_jax.attention import AttentionShape, DenseAttention
+  from sea_jax.config import SEAConfig
+  shape = AttentionShape(num_heads=2, num_kv_heads=2, head_dim=16, max_positions=64,
+                         dtype=jnp.float32, param_dtype=jnp.float32, sea=SEAConfig(),
+                         dense_impl="splash")
+  core = DenseAttention(shape, rngs=None)
+  q, k, v, key_mask, _ = _inputs(rng, 2, 2, 2, 40, 16, pad=True)
+  got, _ = core(*map(jnp.asarray, (q, k, v)), key_mask=jnp.asarray(key_mask))
+  want = _attention_np(q, k, v, _visible_np(2, 2, 40, key_mask))
+  real = key_mask[:, None, :, None]
+  assert relative_error(np.where(real, got, 0), np.where(real, want, 0)) <= 1e-5
+  unpadded, _ = core(*map(jnp.asarray, (q, k, v)))
+  assert relative_error(unpadded, _attention_np(q, k, v, _visible_np(2, 2, 40))) <= 1e-5

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from sea_jax.config import SPARSE_IMPLS
+from sea_jax.config import DENSE_IMPLS, SPARSE_IMPLS
 from sea_jax.errors import add_debug_flag
 from sea_jax.training.settings import TrainError, config_file
 
@@ -71,10 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="SEA sparse attention: xla (tile list), blocked (each query block "
                       "over the keys it can see), pallas; default auto: pallas on GPU/TPU, on "
                       "CPU blocked below 16 query blocks, xla from there")
-  g.add_argument("--dense-impl", choices=("auto", "reference", "chunked", "cudnn"),
+  g.add_argument("--dense-impl", choices=DENSE_IMPLS,
                  help="dense attention (teacher and dense layers): T x T reference, chunked "
-                      "(one query block at a time over the keys it can see), cuDNN (GPU); "
-                      "default auto: cuDNN on GPU in bf16, else chunked")
+                      "(one query block at a time over the keys it can see), cuDNN (GPU), "
+                      "splash (TPU); default auto: cuDNN on GPU in bf16, splash on TPU, else "
+                      "chunked")
   g.add_argument("--dropout", type=float, default=0.1,
                  help="dropout in the trained model (default 0.1; the teacher has none)")
   g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
