@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sea_jax.blocked_attention import blocked_attention
+from sea_jax.blocked_attention import blocked_attention, expand_rows
 from sea_jax.sea.bins import bin_index
 from sea_jax.sea.block_map import visited_tiles
 
@@ -49,16 +49,6 @@ def check_shapes(q, k, v, compressed_mask) -> int:
   if compressed_mask.shape[3] < 1:
     raise ValueError(f"compressed width K must be >= 1; got {shapes}")
   return H // Hkv
-
-
-def _block_mask(rows: jax.Array, T: int, mask_rows: jax.Array) -> jax.Array:
-  """(N,H,B,T) bool for query rows `rows` (B,) from their compressed rows (N,H,B,K)."""
-  K = mask_rows.shape[-1]
-  s = jnp.arange(T, dtype=jnp.int32)[None, :]
-  t = rows[:, None]
-  bins = jnp.clip(bin_index(t, s, K), 0, K - 1)  # (B, T)
-  idx = jnp.broadcast_to(bins, (*mask_rows.shape[:-1], T))
-  return jnp.take_along_axis(mask_rows, idx, axis=-1) & (s <= t)
 
 
 def sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -87,7 +77,7 @@ def sparse_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
   @jax.checkpoint
   def block(q_blk, m_blk, start):
     rows = start + jnp.arange(B, dtype=jnp.int32)
-    mask = _block_mask(rows, T, m_blk)
+    mask = expand_rows(m_blk, rows, T)
     if G > 1:  # grouped view (N, Hkv, G, ...) of the query heads: k, v are read, not repeated
       mask = mask.reshape(N, Hkv, G, B, T)
       scores = jnp.einsum("ngcbd,ngsd->ngcbs", q_blk.reshape(N, Hkv, G, B, d), k,
@@ -294,8 +284,11 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, compressed_mask: 
   B = max(1, min(query_block, T))
   nb = -(-T // B)
   pad = nb * B - T
-  widths = ((0, 0), (0, 0), (0, pad), (0, 0))
-  visited = causal_visited_tiles(jax.lax.stop_gradient(jnp.pad(compressed_mask, widths)), B)
+  if pad:  # padded rows keep nothing, and no real row sees a padded key
+    widths = ((0, 0), (0, 0), (0, pad), (0, 0))
+    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    compressed_mask = jnp.pad(compressed_mask, widths)
+  visited = causal_visited_tiles(jax.lax.stop_gradient(compressed_mask), B)
   visited = visited.reshape(N * H, nb, nb)
   caps = tuple(capacities) if capacities is not None else tile_ladder(N * H, nb)
   if list(caps) != sorted(caps) or caps[-1] < N * H * nb * (nb + 1) // 2:
@@ -306,19 +299,19 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, compressed_mask: 
 
   def tiles(C):
     def run(q, k, v, cm, visited):
-      q, k, v, cm = (jnp.pad(x, widths) for x in (q, k, v, cm))
-      out = _tile_core(q, k, v, cm, _tile_list(visited, C), B).reshape(N, H, nb * B, d)
-      return out[:, :, :T].astype(v.dtype)
+      return _tile_core(q, k, v, cm, _tile_list(visited, C), B).reshape(N, H, nb * B, d)
     return run
 
   def every_key(q, k, v, cm, visited):
     del visited
-    return blocked_attention(q, k, v, compressed_mask=cm).astype(v.dtype)
+    return blocked_attention(q, k, v, compressed_mask=cm)
 
   branches = [tiles(C) for C in caps]
   if full_rung == "blocked":
     branches[-1] = every_key
   if len(branches) == 1:
-    return branches[0](q, k, v, compressed_mask, visited)
-  return jax.lax.switch(rung, branches, q, k, v, compressed_mask, visited)
+    out = branches[0](q, k, v, compressed_mask, visited)
+  else:
+    out = jax.lax.switch(rung, branches, q, k, v, compressed_mask, visited)
+  return out[:, :, :T].astype(v.dtype)
 
