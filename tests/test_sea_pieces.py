@@ -217,7 +217,9 @@ def test_bin_index_is_the_exact_integer_quotient_at_long_context(K):
   """bin_index estimates the quotient in float32 and corrects it: exact up to 2M rows (or
   where (2s + 1) K leaves int32), far past where float32 alone holds (2s + 1) K."""
   rng, seed = make_rng()
-  t = rng.integers(0, min(2 ** 21, 2 ** 30 // K), 200_000)
+  top = min(2 ** 21, 2 ** 30 // K)
+  t = rng.integers(0, top, 200_000)
+  t[:100] = top - 1  # the longest rows, where q * (2 (t + 1)) leaves int32
   s = (rng.random(t.shape) * (t + 1)).astype(np.int64)
   s[:1000] = t[:1000]  # the last key and the first of each row, where the quotient is largest
   s[1000:2000] = 0

@@ -23,7 +23,10 @@ def bin_index(t, s, K: int):
   s = jnp.asarray(s, jnp.int32)
   num, den = (2 * s + 1) * K - 1, 2 * (t + 1)
   q = jnp.floor(num.astype(jnp.float32) / den.astype(jnp.float32)).astype(jnp.int32)
-  return q + (num >= (q + 1) * den).astype(jnp.int32) - (num < q * den).astype(jnp.int32)
+  # The remainder of the estimate lies in [-den, 2 den): int32 wraparound in q * den cancels
+  # in the difference, so it is exact wherever num itself fits int32.
+  rem = num - q * den
+  return q + (rem >= den).astype(jnp.int32) - (rem < 0).astype(jnp.int32)
 
 
 def bin_start(t, b, K: int):
