@@ -432,16 +432,26 @@ def test_tile_ladder_ends_with_every_causal_tile():
   assert tile_ladder(64, 4) == (64 * 10,)
 
 
-def test_sparse_attention_bf16():
+@pytest.mark.parametrize("rungs", ["one", "tiles of two", "blocked of two"])
+def test_sparse_attention_bf16(rungs):
+  # With two rungs lax.switch joins the tile list (fp32 accumulators) and blocked_attention:
+  # both must give bf16 (a GPU run on 2026-12-06 found them differing at T = 2048).
   rng, seed = make_rng()
   N, H, T, d, K = 1, 2, 70, 32, 16
   q, k, v = (rng.standard_normal((N, H, T, d)).astype(np.float32) for _ in range(3))
   mask = rng.random((N, H, T, K)) < 0.5
+  every = N * H * 3 * 4 // 2   # causal 32 x 32 tiles of 70 rows
+  caps = {"one": None, "tiles of two": (every, every), "blocked of two": (1, every)}[rungs]
   args = [jnp.asarray(x, jnp.bfloat16) for x in (q * d ** -0.5, k, v)]
-  got = sparse_attention(*args, jnp.asarray(mask), query_block=32)
+  attend = lambda q, k, v: sparse_attention(q, k, v, jnp.asarray(mask), query_block=32,
+                                            capacities=caps)
+  got = attend(*args)
   assert got.dtype == jnp.bfloat16
   want = ref_masked_attention(*(np.asarray(a, np.float32) for a in args), ref_expand(mask))
   assert rel_err(got, want) <= 2e-2, f"seed={seed}"
+  grads = jax.grad(lambda *a: jnp.sum(attend(*a).astype(jnp.float32) ** 2), (0, 1, 2))(*args)
+  assert all(g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all()
+             for g in grads)
 
 
 # --- Performer branch --------------------------------------------------------------------------

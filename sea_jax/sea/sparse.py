@@ -309,6 +309,8 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, compressed_mask: 
   branches = [tiles(C) for C in caps]
   if full_rung == "blocked":
     branches[-1] = every_key
+  # lax.switch needs one output type: the tile list accumulates in fp32, blocked gives v.dtype
+  branches = [lambda *a, f=f: f(*a).astype(v.dtype) for f in branches]
   if len(branches) == 1:
     out = branches[0](q, k, v, compressed_mask, visited)
   else:
