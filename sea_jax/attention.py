@@ -31,6 +31,7 @@ from flax import nnx
 
 from sea_jax.blocked_attention import blocked_attention
 from sea_jax.config import DENSE_IMPLS, ConfigError, SEAConfig
+from sea_jax.sharding import per_shard
 
 NEG_INF = -1e30
 
@@ -211,10 +212,10 @@ class DenseAttention(nnx.Module):
     with jax.named_scope("dense_attention"):
       if impl == "reference":
         context = dense_attention(q, k, v, key_mask)
-      elif impl == "cudnn" and key_mask is None:
-        context = dense_attention_cudnn(q, k, v)
+      elif impl == "cudnn" and key_mask is None:  # kernels: one per device's own shard
+        context = per_shard(dense_attention_cudnn, q, k, v)
       elif impl == "splash" and key_mask is None:
-        context = dense_attention_splash(q, k, v)
+        context = per_shard(dense_attention_splash, q, k, v)
       elif impl in ("chunked", "cudnn", "splash"):  # cuDNN and splash take no padding mask
         context = blocked_attention(q, k, v, key_mask=key_mask)
       else:

@@ -70,7 +70,8 @@ def perplexity(model: nnx.Module, windows: np.ndarray, *, batch_size: int, mesh:
 
   @jax.jit
   def step(state, batch):
-    return window_losses(nnx.merge(graphdef, state), batch, sea_k)
+    with shd.ambient(mesh):  # kernels and the tile list run per device shard (`per_shard`)
+      return window_losses(nnx.merge(graphdef, state), batch, sea_k)
 
   batch_sharding = shd.batch_sharding(mesh)
 

@@ -141,7 +141,8 @@ def _prefill(graphdef, state, ids, mask, *, max_len, sea_k, mesh):
   model = nnx.merge(graphdef, state)
   cache = _constrain(KVCache.zeros(model.config, ids.shape[0], max_len), mesh)
   if ids.shape[1] > 0:
-    _, cache = model(ids, mask, sea_k=sea_k, cache=cache)
+    with shd.ambient(mesh):
+      _, cache = model(ids, mask, sea_k=sea_k, cache=cache)
   return _constrain(cache, mesh)
 
 
@@ -151,7 +152,8 @@ def _decode(graphdef, state, tokens, cache, key, step, temperature, top_p, *, se
   """tokens (N,) after the cache's slots -> (next tokens (N,), their logits (N, V), cache)."""
   TRACES["decode"] += 1
   model = nnx.merge(graphdef, state)
-  out, cache = model(tokens[:, None], None, sea_k=sea_k, cache=cache)
+  with shd.ambient(mesh):
+    out, cache = model(tokens[:, None], None, sea_k=sea_k, cache=cache)
   logits = out.logits[:, 0]
   tokens = sample(logits, jax.random.fold_in(key, step), temperature, top_p)
   return tokens, logits, _constrain(cache, mesh)

@@ -7,6 +7,7 @@ Batches are split over `data` x `fsdp`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -136,3 +137,36 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def ambient(mesh: Mesh | None):
+  """Context in which traced code sees `mesh` as the ambient mesh (`get_abstract_mesh`), so
+  that `per_shard` ops split themselves over it. Usable inside `jax.jit` (unlike
+  `jax.set_mesh`); None: no mesh, a no-op."""
+  if mesh is None:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def per_shard(fn, *arrays: jax.Array, split_heads: bool = True) -> jax.Array:
+  """fn(*arrays), each array (N, H_i, ...), run by every device on its own (batch, head) shard
+  of the ambient mesh: dim 0 over data x fsdp, dim 1 over tensor (each where it divides every
+  array, and the axis is not already manual; split_heads=False keeps the heads whole, for ops
+  where heads interact). For ops that treat each (batch, head) slice on its own but that XLA
+  does not partition well: a Pallas call, the tile list's data-dependent gathers (partitioned
+  by XLA, they all-gather q, k and v onto every device), `lax.top_k` (it gathers the batch).
+  fn returns one (N, H, ...) array. Without an ambient mesh (`ambient`, `jax.set_mesh`) fn
+  runs as is. Values fn closes over are replicated onto every shard."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn(*arrays)
+  free = lambda a: a in mesh.axis_names and a not in mesh.manual_axes and mesh.shape[a] > 1  # noqa: E731
+  batch = tuple(a for a in BATCH_AXES if free(a))
+  size = math.prod(mesh.shape[a] for a in batch)
+  batch_spec = batch if batch and all(x.shape[0] % size == 0 for x in arrays) else None
+  heads = split_heads and free("tensor") and all(x.shape[1] % mesh.shape["tensor"] == 0 for x in arrays)
+  spec = P(batch_spec, "tensor" if heads else None)
+  if spec == P(None, None):
+    return fn(*arrays)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(arrays), out_specs=spec,
+                       check_vma=False)(*arrays)

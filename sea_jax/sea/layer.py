@@ -16,6 +16,7 @@ from sea_jax.attention import AttentionShape, repeat_kv
 from sea_jax.blocked_attention import blocked_attention
 from sea_jax.config import ConfigError
 from sea_jax.layers import normal_init, param
+from sea_jax.sharding import per_shard
 from sea_jax.sea.bins import nonempty_bins
 from sea_jax.sea.decode import (PerformerState, SEAState, attend_kept, kept_key_bound,
                                 to_left_padding, to_right_padding)
@@ -64,15 +65,19 @@ def resolve_sparse_impl(impl: str, T: int, query_block: int) -> str:
 
 def sparse_dispatch(impl: str, q, k, v, compressed_mask, *, query_block: int):
   """Runs the sparse attention implementation `impl` ("auto", "xla", "blocked" or "pallas");
-  q (N,H,T,d), k, v (N,Hkv,T,d), M̂ (N,H,T,K) -> (N,H,T,d). All give the same result."""
+  q (N,H,T,d), k, v (N,Hkv,T,d), M̂ (N,H,T,K) -> (N,H,T,d). All give the same result.
+  Under an ambient mesh each device runs it on its own (batch, head) shard (`per_shard`)."""
   impl = resolve_sparse_impl(impl, q.shape[2], query_block)
   if impl == "xla":
-    return sparse_attention(q, k, v, compressed_mask, query_block=query_block)
-  if impl == "blocked":
-    return blocked_attention(q, k, v, compressed_mask=compressed_mask)
-  if impl == "pallas":
-    return _pallas_sparse(q, k, v, compressed_mask)
-  raise ConfigError(f"unknown sparse_impl {impl!r}; choose 'auto', 'xla', 'blocked' or 'pallas'")
+    fn = lambda q, k, v, cm: sparse_attention(q, k, v, cm, query_block=query_block)  # noqa: E731
+  elif impl == "blocked":
+    fn = lambda q, k, v, cm: blocked_attention(q, k, v, compressed_mask=cm)  # noqa: E731
+  elif impl == "pallas":
+    fn = _pallas_sparse
+  else:
+    raise ConfigError(f"unknown sparse_impl {impl!r}; choose 'auto', 'xla', 'blocked' or "
+                      "'pallas'")
+  return per_shard(fn, q, k, v, compressed_mask)
 
 
 def causal_mean(v: jax.Array) -> jax.Array:
@@ -219,7 +224,8 @@ class SEAAttention(nnx.Module):
     est_logits, s_prob, s_mix, *history = self.estimator(z_in, return_history=return_history)
     with jax.named_scope("sea_topk"):
       est_probs = masked_bin_softmax(est_logits)
-      mask = grouped_topk_mask(est_probs, keys_per_head)
+      mask = per_shard(lambda p: grouped_topk_mask(p, keys_per_head), est_probs,
+                       split_heads=False)  # heads compete for one budget per row
     with jax.named_scope("sea_sparse"):
       c_sparse = sparse_dispatch(self.sparse_impl, q, k, v, mask, query_block=self.query_block)
       c_sparse = s_prob[..., None] * c_sparse.astype(s_prob.dtype)

@@ -113,6 +113,10 @@ def train_step_fn(spec: StepSpec, student: ModelBridge, teacher: ModelBridge | N
   micro_sharding = NamedSharding(mesh, P(None, shd.BATCH_AXES, None))
 
   def step(state, teacher_state, batch):
+    with shd.ambient(mesh):  # kernels and the tile list run per device shard (`per_shard`)
+      return _step(state, teacher_state, batch)
+
+  def _step(state, teacher_state, batch):
     params, rest = state["params"], state["rest"]
     # Micro-batch a takes rows a, A + a, 2A + a, ...: every device keeps its own rows.
     micro = batch.reshape(spec.micro_batch_size, A, batch.shape[-1]).swapaxes(0, 1)
