@@ -30,7 +30,7 @@ def main(argv=None) -> int:
   from sea_jax import checkpoint, data, losses
   teacher = checkpoint.load_model(args.teacher)
   student = checkpoint.load_model(args.student)
-  tokens = data.encode(data.load_tokenizer(args.student), data.read_text_file(args.text_file))
+  tokens = data.encode(checkpoint.model_tokenizer(args.student), data.read_text_file(args.text_file))
   windows = data.eval_windows(tokens, args.seq_len + 1)[: args.windows]
   k = args.sea_k or student.config.sea.k
 

@@ -220,7 +220,7 @@ class DenseAttention(nnx.Module):
         context = blocked_attention(q, k, v, key_mask=key_mask)
       else:
         raise ConfigError(f"unknown dense_impl {impl!r}; choose from {DENSE_IMPLS}")
-    aux = {"q": q, "k": k, "context": context} if return_aux else {}
+    aux = {"q": q, "k": k, "v": v, "context": context} if return_aux else {}
     return context, aux
 
 

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from sea_jax import hf_io
 from sea_jax import sharding as shd
-from sea_jax.config import ConfigError, load_config
+from sea_jax.config import ConfigError, config_from_hf_dict, load_config
 from sea_jax.errors import UserError
 from sea_jax.families import model_class, name_table
 
@@ -159,18 +159,115 @@ def restore_params(folder: str, abstract: nnx.State, mesh: Mesh | None) -> tuple
 def load_model(folder: str, mesh: Mesh | None = None, **overrides):
   """Loads a model folder into its family's model, sharded on `mesh` (or on one device).
 
-  `overrides` replace config fields (e.g. attention="sea", dtype="bfloat16").
+  `overrides` replace config fields (e.g. attention="sea", dtype="bfloat16"). A folder with a
+  `base.json` (a SEA student shipped as its SEA parameters alone) takes every other parameter
+  from the base it names, after checking the base's sha256 (`read_base_params`).
   """
   config = apply_overrides(load_config(folder), **overrides)
   graphdef, abstract = abstract_model(config)
   restored, missing = restore_params(folder, abstract, mesh)
+  if missing and os.path.isfile(os.path.join(folder, BASE_FILE)):
+    from_base = read_base_params(folder, config, abstract, mesh,
+                                 [p for p in missing if not _fresh_ok(p)])
+    flat = flatten(restored)
+    flat.update(from_base)
+    restored = unflatten(flat)
+    missing = [p for p in missing if p not in from_base]
   return assemble(config, graphdef, abstract, restored, missing, mesh)
+
+
+BASE_FILE = "base.json"  # {"source": path or short name, "sha256": the base's digest}
+
+
+def _fresh_ok(path: tuple) -> bool:
+  return any(m in path for m in FRESH_OK_MARKERS)
+
+
+def base_source_path(folder: str) -> str:
+  """The `source` that `folder/base.json` names (a GGUF short name, a path)."""
+  return read_base_record(folder)["source"]
+
+
+def read_base_record(folder: str) -> dict:
+  path = os.path.join(folder, BASE_FILE)
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    if not isinstance(record.get("source"), str) or not isinstance(record.get("sha256"), str):
+      raise ValueError("needs the strings 'source' and 'sha256'")
+  except (OSError, ValueError, AttributeError) as e:
+    raise CheckpointError(f"{path} cannot be read ({e}); it names the base model this SEA "
+                          "student needs") from None
+  return record
+
+
+def source_digest(path: str) -> str | None:
+  """What identifies a base model: a GGUF file's sha256, or the sha256 that a model folder
+  converted from one records in its source.json; None when neither applies."""
+  if is_model_folder(path):
+    try:
+      with open(os.path.join(path, SOURCE_FILE)) as f:
+        return json.load(f).get("sha256")
+    except (OSError, ValueError, AttributeError):
+      return None
+  from sea_jax import gguf_io
+  gguf_path = gguf_io.resolve_gguf(path)
+  return gguf_io.gguf_digest(gguf_path) if gguf_path else None
+
+
+def write_base_record(folder: str, source: str) -> None:
+  """`folder/base.json` naming `source` (GGUF short name, GGUF path or a model folder converted
+  from a GGUF) by its digest."""
+  digest = source_digest(source)
+  if digest is None:
+    raise CheckpointError(f"{source} is not a GGUF model (or a folder converted from one): a "
+                          "student shipped without its base needs a base it can verify")
+  with open(os.path.join(folder, BASE_FILE), "w") as f:
+    json.dump({"source": source, "sha256": digest}, f, indent=2)
+
+
+def read_base_params(folder: str, config, abstract, mesh: Mesh | None, paths: list[tuple]) -> dict:
+  """The parameters `paths` of `folder`'s base model (base.json), sharded like `abstract`;
+  a missing base or one with another sha256 is a CheckpointError naming both."""
+  record = read_base_record(folder)
+  source_path, want_digest = record["source"], record["sha256"]
+  try:
+    digest = source_digest(source_path)
+  except hf_io.ConvertError as e:
+    raise CheckpointError(f"{folder} is a SEA student of the base {source_path!r}, which "
+                          f"cannot be found: {e}") from None
+  if digest is None:
+    raise CheckpointError(f"{folder} is a SEA student of the base {source_path!r}, which is "
+                          "not a GGUF model here")
+  if digest != want_digest:
+    raise CheckpointError(f"{folder} is a SEA student of a base with sha256 {want_digest[:16]}..., "
+                          f"but {source_path!r} has sha256 {digest[:16]}...: not the same "
+                          "model")
+  wanted = flatten(nnx.to_pure_dict(abstract))
+  shardings = (flatten(nnx.to_pure_dict(shd.state_shardings(abstract, mesh)))
+               if mesh is not None else None)
+  needed = set(paths)
+
+  def put(p, array):
+    if p not in needed:
+      return None
+    value = jnp.asarray(array, wanted[p].dtype)
+    return jax.device_put(value, shardings[p]) if shardings is not None else value
+
+  if is_model_folder(source_path):
+    base_config = load_config(source_path)
+    _, base_abstract = abstract_model(dataclasses.replace(base_config, attention="dense"))
+    restored, _ = restore_params(source_path, base_abstract, mesh)
+    flat = flatten(restored)
+  else:
+    flat = read_source_params(open_source(source_path), config, put)
+  return {p: flat[p] for p in paths if p in flat}
 
 
 def assemble(config, graphdef, abstract, restored: dict, missing: list[tuple],
              mesh: Mesh | None):
   """Merges restored parameters with fresh ones for `missing` paths (attention cores only)."""
-  not_fresh = [p for p in missing if not any(m in p for m in FRESH_OK_MARKERS)]
+  not_fresh = [p for p in missing if not _fresh_ok(p)]
   if not_fresh:
     names = ", ".join(path_str(p) for p in not_fresh[:5])
     raise CheckpointError(f"checkpoint lacks {len(not_fresh)} parameter(s) the model needs: {names}")
@@ -195,38 +292,83 @@ def apply_overrides(config, **overrides):
   return config
 
 
+def open_source(path: str):
+  """The weights `path` names: a GGUF file (a .gguf path or a short name such as
+  "smollm2-135m", `gguf_io.resolve_gguf`) or a Hugging Face folder / hub id. Both answer
+  `hf_config()`, `tensors()` and `save_tokenizer(dst)`."""
+  from sea_jax import gguf_io
+  gguf_path = gguf_io.resolve_gguf(path)
+  if gguf_path is not None:
+    return gguf_io.GGUFModel(gguf_path)
+  return hf_io.HFFolder(hf_io.resolve_source(path))
+
+
+def source_config(source):
+  """The family config of a weight source (`open_source`); a bad config is a ConvertError."""
+  try:
+    return config_from_hf_dict(source.hf_config())
+  except ConfigError as e:
+    raise hf_io.ConvertError(f"{source.path}: {e}") from None
+
+
 def read_hf_config(folder: str):
   """The family config of a Hugging Face folder; a bad config.json is a ConvertError."""
-  if not os.path.isfile(os.path.join(folder, "config.json")):
-    raise hf_io.ConvertError(f"no config.json in {folder}")
-  try:
-    return load_config(folder)
-  except ConfigError as e:
-    raise hf_io.ConvertError(str(e)) from None
+  return source_config(hf_io.HFFolder(folder))
 
 
-def source_config(path: str):
-  """The config stored at `path` (a sea-jax model folder, a HF folder or a hub id)."""
+def stored_config(path: str):
+  """The config stored at `path` (a sea-jax model folder, a GGUF file or short name, a HF
+  folder or a hub id)."""
   if is_model_folder(path):
     return load_config(path)
-  return read_hf_config(hf_io.resolve_source(path))
+  return source_config(open_source(path))
 
 
-def read_hf_params(folder: str, config, put) -> dict:
-  """A HF folder's tensors for the dense model of `config`, each through `put(path, array)`
-  -> flat {path: put's result}; shapes checked against the model (`hf_io.hf_params`)."""
+SOURCE_FILE = "source.json"  # where a converted folder's weights came from
+
+
+def write_source_record(source, folder: str) -> None:
+  """`folder/source.json`: the converted source's path and, for a GGUF file, its sha256 (what
+  a SEA student shipped without its base records and checks, `base_record`)."""
+  record = {"format": source.kind, "path": os.path.abspath(source.path)}
+  if source.kind == "gguf":
+    record["sha256"] = source.digest()
+  with open(os.path.join(folder, SOURCE_FILE), "w") as f:
+    json.dump(record, f, indent=2)
+
+
+def model_tokenizer(path: str):
+  """The tokenizer of any model path: a model folder's (or, for a student shipped without its
+  base, the base's), a GGUF file's, a HF folder's; the bundled OPT tokenizer otherwise."""
+  from sea_jax import data
+  if os.path.isdir(path):
+    if not data.has_tokenizer_files(path) and os.path.isfile(os.path.join(path, BASE_FILE)):
+      return model_tokenizer(base_source_path(path))
+    return data.load_tokenizer(path)
+  from sea_jax import gguf_io
+  gguf_path = gguf_io.resolve_gguf(path)
+  if gguf_path is not None:
+    return gguf_io.GGUFModel(gguf_path).tokenizer()
+  return data.load_tokenizer(None)
+
+
+def read_source_params(source, config, put) -> dict:
+  """A weight source's tensors for the dense model of `config`, each through
+  `put(path, array)` -> flat {path: put's result}; shapes checked (`hf_io.map_tensors`)."""
   _, abstract = abstract_model(dataclasses.replace(config, attention="dense"))
   want = flatten(nnx.to_pure_dict(abstract))
-  return hf_io.hf_params(folder, name_table(config), want, put, tied=config.tie_word_embeddings)
+  return hf_io.map_tensors(source.tensors(), name_table(config), want, put,
+                           tied=config.tie_word_embeddings)
 
 
 def load_pretrained(path: str, mesh: Mesh | None = None, **overrides):
-  """A sea-jax model folder, a Hugging Face folder of any family (converted on the fly, tensor
-  by tensor straight into its sharding) or a hub id -> the family's model on `mesh`."""
+  """A sea-jax model folder, a GGUF file (or short name), a Hugging Face folder of any family
+  or a hub id -> the family's model on `mesh` (a source other than a model folder is converted
+  on the fly, tensor by tensor straight into its sharding)."""
   if is_model_folder(path):
     return load_model(path, mesh, **overrides)
-  folder = hf_io.resolve_source(path)
-  config = apply_overrides(read_hf_config(folder), **overrides)
+  source = open_source(path)
+  config = apply_overrides(source_config(source), **overrides)
   graphdef, abstract = abstract_model(config)
   shardings = flatten(nnx.to_pure_dict(shd.state_shardings(abstract, mesh))) if mesh is not None else None
   wanted = flatten(nnx.to_pure_dict(abstract))
@@ -235,6 +377,6 @@ def load_pretrained(path: str, mesh: Mesh | None = None, **overrides):
     value = jnp.asarray(array, wanted[p].dtype)
     return jax.device_put(value, shardings[p]) if shardings is not None else value
 
-  flat = read_hf_params(folder, config, put)
+  flat = read_source_params(source, config, put)
   missing = [p for p in wanted if p not in flat]
   return assemble(config, graphdef, abstract, unflatten(flat), missing, mesh)

@@ -21,12 +21,11 @@ import sys
 import numpy as np
 
 from sea_jax import checkpoint
-from sea_jax.checkpoint import read_hf_config  # noqa: F401 (re-exported)
 from sea_jax.config import SEAConfig, load_config
 from sea_jax.errors import add_debug_flag, run_command
 from sea_jax.families import name_table
-from sea_jax.hf_io import (ConvertError, copy_tokenizer, resolve_source,  # noqa: F401 (re-exported)
-                           write_hf_weights)
+from sea_jax.gguf_io import KNOWN_GGUF
+from sea_jax.hf_io import ConvertError, copy_tokenizer, write_hf_weights
 from sea_jax.safe_write import atomic_folder, check_destination
 
 
@@ -34,18 +33,19 @@ from sea_jax.safe_write import atomic_folder, check_destination
 
 def hf_to_model_folder(src: str, dst: str, *, attention: str = "dense", sea: SEAConfig | None = None,
                        param_dtype: str = "float32"):
-  """Converts a HF folder (or hub id) of any family into a sea-jax model folder; returns its
+  """Converts a weight source (a HF folder or hub id of any family, a GGUF file or the short
+  name of an installed one, `checkpoint.open_source`) into a sea-jax model folder; returns its
   config."""
   import flax.nnx as nnx
-  folder = resolve_source(src)
-  config = read_hf_config(folder)
+  source = checkpoint.open_source(src)
+  config = checkpoint.source_config(source)
   config = dataclasses.replace(config, attention=attention, param_dtype=param_dtype,
                                sea=sea or config.sea)
   config.validate()
   dtype = np.dtype(param_dtype) if param_dtype != "bfloat16" else None
   import jax.numpy as jnp
   cast = (lambda a: a.astype(dtype)) if dtype is not None else (lambda a: jnp.asarray(a, jnp.bfloat16))
-  flat = checkpoint.read_hf_params(folder, config, lambda path, a: cast(a))
+  flat = checkpoint.read_source_params(source, config, lambda path, a: cast(a))
   if attention != "dense":
     graphdef, abstract = checkpoint.abstract_model(config)
     want = checkpoint.flatten(nnx.to_pure_dict(abstract))
@@ -55,9 +55,10 @@ def hf_to_model_folder(src: str, dst: str, *, attention: str = "dense", sea: SEA
       flat[p] = np.asarray(fresh[p])
   with atomic_folder(dst) as tmp:
     tmp = str(tmp)
+    source.save_tokenizer(tmp)  # first: a tokenizer that cannot be rebuilt writes nothing
     checkpoint.save_params(checkpoint.unflatten(flat), tmp)
     checkpoint.write_config(config, tmp)
-    copy_tokenizer(folder, tmp)
+    checkpoint.write_source_record(source, tmp)
   return config
 
 
@@ -104,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
       description="Convert a Hugging Face checkpoint (OPT, Llama, Qwen2, Mistral; the family "
                   "comes from config.json) into a sea-jax model folder (Orbax), or back with "
                   "--to-hf.")
-  parser.add_argument("src", help="HF model folder (config.json + safetensors or .bin) or hub id; "
-                                  "with --to-hf a sea-jax model folder")
+  parser.add_argument("src", help="HF model folder (config.json + safetensors or .bin), hub id, "
+                                  "GGUF file, or the short name of an installed GGUF model "
+                                  f"({', '.join(sorted(KNOWN_GGUF))}); with --to-hf a sea-jax "
+                                  "model folder")
   parser.add_argument("dst", help="output folder")
   parser.add_argument("--to-hf", action="store_true", help="convert a sea-jax folder back to HF")
   parser.add_argument("--attention", default="dense", choices=("dense", "sea", "performer"),

@@ -57,6 +57,11 @@ def run_layers(layers: Sequence[nnx.Module], h: jax.Array, *, remat: bool,
   return h, hidden, auxes
 
 
+def attention_cores(model: nnx.Module) -> list[nnx.Module]:
+  """The attention core of every layer (each family's layers hold it at `self_attn.core`)."""
+  return [layer.self_attn.core for layer in model.layers]
+
+
 def lm_logits(h: jax.Array, table: jax.Array, dtype) -> jax.Array:
   """(N,T,E) x (V,E) -> (N,T,V) fp32 logits (tied embedding or an untied head stored (V,E))."""
   return jnp.einsum("nte,ve->ntv", h, table.astype(dtype), preferred_element_type=jnp.float32)

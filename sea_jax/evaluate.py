@@ -236,7 +236,7 @@ def _run_eval(args) -> int:
       if cfg.attention == "sea" and k is not None and k >= seq_len:
         print(f"note: --sea-k {k} >= --seq-len {seq_len}: every visible key is kept",
               file=sys.stderr)
-    tokenizer = data.load_tokenizer(path if os.path.isdir(path) else None)
+    tokenizer = checkpoint.model_tokenizer(path)
     tok_name = data.tokenizer_name(tokenizer)
     for source, text_path in _sources(args):
       key = f"{data.tokenizer_fingerprint(tokenizer)}:{source}:{args.data_source}"

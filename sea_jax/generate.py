@@ -338,8 +338,8 @@ def _run(args) -> int:
     text = data.read_text_file(args.prompt_file, "--prompt-file")
   if not text:
     raise GenerateError("the prompt is empty")
-  config = checkpoint.apply_overrides(checkpoint.source_config(args.model), **_overrides(args))
-  tokenizer = data.load_tokenizer(args.model if os.path.isdir(args.model) else None)
+  config = checkpoint.apply_overrides(checkpoint.stored_config(args.model), **_overrides(args))
+  tokenizer = checkpoint.model_tokenizer(args.model)
   prompt = [int(t) for t in tokenizer(text)["input_ids"]]
   check_prompts([prompt], config, args.max_new_tokens)  # before any weight is read
   if config.attention != "sea" and args.sea_k is not None:

@@ -108,6 +108,36 @@ def resolve_source(src: str) -> str:
                        f"Hugging Face hub ({type(e).__name__}); pass a local model folder") from None
 
 
+class HFFolder:
+  """A Hugging Face model folder as a weight source (what `gguf_io.GGUFModel` is for a GGUF
+  file): `hf_config()` its config.json dict, `tensors()` (name, float32 array) one at a time,
+  `save_tokenizer(dst)` its tokenizer files (or the bundled OPT tokenizer)."""
+
+  kind = "hf"
+
+  def __init__(self, folder: str):
+    self.path = folder
+
+  def hf_config(self) -> dict:
+    path = os.path.join(self.path, "config.json")
+    if not os.path.isfile(path):
+      raise ConvertError(f"no config.json in {self.path}")
+    try:
+      with open(path) as f:
+        hf = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ConvertError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+      raise ConvertError(f"{path} does not hold a JSON object")
+    return hf
+
+  def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+    return iter_tensors(weight_files(self.path))
+
+  def save_tokenizer(self, dst: str) -> None:
+    copy_tokenizer(self.path, dst)
+
+
 def weight_files(folder: str) -> list[str]:
   """The checkpoint files of a HF folder: safetensors preferred, single or sharded."""
   for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
@@ -188,13 +218,20 @@ def _iter_torch_bin(path: str) -> Iterator[tuple[str, np.ndarray]]:
 
 def hf_params(folder: str, names: NameTable, want: dict, put: Callable[[tuple, np.ndarray], object],
               *, tied: bool) -> dict:
-  """Streams a HF folder's tensors through `put(path, array)` -> flat {path: put's result}.
+  """Streams a HF folder's tensors through `put(path, array)` -> flat {path: put's result}
+  (`map_tensors`)."""
+  return map_tensors(iter_tensors(weight_files(folder)), names, want, put, tied=tied)
+
+
+def map_tensors(tensors: Iterator[tuple[str, np.ndarray]], names: NameTable, want: dict,
+                put: Callable[[tuple, np.ndarray], object], *, tied: bool) -> dict:
+  """(HF name, array) pairs through `put(path, array)` -> flat {path: put's result}.
 
   want: {path: ShapeDtypeStruct} of the dense model. Checks every shape against it and that no
   parameter is missing or duplicated; `tied`: the LM head is the token embedding.
   """
   out: dict = {}
-  for name, array in iter_tensors(weight_files(folder)):
+  for name, array in tensors:
     mapped = names.hf_to_path(name, tied=tied)
     if mapped is None:
       continue

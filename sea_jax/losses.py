@@ -189,7 +189,7 @@ def _compressed_terms(est, mass, count, neg_entropy, spread, row_w):
   return _sum(kl * w), _sum(se * w)
 
 
-def _block_terms(kt, ks, key_real, qt, qs, rows, row_w, *, K, bins: bool):
+def _block_terms(kt, ks, key_real, qt, qs, rows, row_w, *, K, bins: bool, prob: bool = True):
   """One block of query rows: L_prob's sums, and the teacher's per-bin statistics.
 
   kt, ks: (N,H,T,d) keys; key_real: (N,T) bool or None; qt, qs: (N,H,B,d) queries (pre-scaled);
@@ -200,7 +200,10 @@ def _block_terms(kt, ks, key_real, qt, qs, rows, row_w, *, K, bins: bool):
   """
   visible, log_a, a = _teacher_map(qt, kt, key_real, rows)
   w = row_w[:, None, :, None]  # (N,1,B,1)
-  kl_p, se_p = _map_terms(log_a, a, _scores(qs, ks), visible, w)
+  if prob:
+    kl_p, se_p = _map_terms(log_a, a, _scores(qs, ks), visible, w)
+  else:
+    kl_p = se_p = jnp.zeros((), jnp.float32)
   stats = None
   if bins:
     stats = jax.lax.stop_gradient(_teacher_bins(visible, log_a, a, key_real, rows, K))
@@ -277,8 +280,12 @@ def _finish(sums, teacher_aux, student_aux, row_w, H, T):
 
 def attention_layer_loss(teacher_aux: Mapping[str, jax.Array], student_aux: Mapping[str, jax.Array],
                          *, K: int, query_block: int | None = None,
-                         key_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+                         key_mask: jax.Array | None = None, prob: bool = True
+                         ) -> dict[str, jax.Array]:
   """Per-layer loss {"approx","prob","context","total"} (fp32 scalars), O(query_block * T) memory.
+
+  prob=False leaves L_prob out (0): the student's scores are the teacher's when the layer is
+  trained on the teacher's own q, k (`training.step`'s layerwise mode), so it is a constant.
 
   teacher_aux: "q", "k", "context" (N,H,T,d), q pre-scaled; student_aux: the same plus
   "est_logits" (N,H,T,K) (absent: approx = 0, e.g. a dense student layer). key_mask: (N,T) bool.
@@ -295,7 +302,7 @@ def attention_layer_loss(teacher_aux: Mapping[str, jax.Array], student_aux: Mapp
   B = max(1, min(query_block or pick_block(N * H, T, qs.shape[-1], score_bytes=SCORE_BYTES // 2,
                                                 smallest=16), T))
   bins = est is not None or mask is not None
-  block_fn = jax.checkpoint(functools.partial(_block_terms, K=K, bins=bins))
+  block_fn = jax.checkpoint(functools.partial(_block_terms, K=K, bins=bins, prob=prob))
 
   def blocks(x, first, n):  # rows of blocks first..first+n-1 of (N,H,T,...) -> (n,N,H,B,...)
     x = x[:, :, first * B:(first + n) * B]
@@ -448,6 +455,25 @@ def distillation_loss(teacher_out: Any, student_out: Any, targets: jax.Array, *,
            "prob": layer["prob"], "context": layer["context"], "total": total}
   terms.update(layer_diagnostics(per_layer, s_aux, key_mask))
   return total, terms
+
+
+def layerwise_loss(teacher_aux: Sequence[Mapping[str, jax.Array]],
+                   student_aux: Sequence[Mapping[str, jax.Array]], *, K: int,
+                   query_block: int | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The attention warm-up's loss: each student layer ran on its teacher layer's own q, k, v
+  (so L_prob is constant and left out) -> (mean over layers of L_approx + L_context, terms).
+
+  terms: "approx", "context" (means over layers), "total", and `layer_diagnostics`.
+  """
+  if len(teacher_aux) != len(student_aux) or not teacher_aux:
+    raise ValueError(f"{len(teacher_aux)} teacher vs {len(student_aux)} student aux dicts")
+  per_layer = [attention_layer_loss(ta, sa, K=K, query_block=query_block, prob=False)
+               for ta, sa in zip(teacher_aux, student_aux)]
+  terms = {name: jnp.mean(jnp.stack([d[name] for d in per_layer]))
+           for name in ("approx", "context")}
+  terms["total"] = terms["approx"] + terms["context"]
+  terms.update(layer_diagnostics(per_layer, student_aux))
+  return terms["total"], terms
 
 
 def layer_diagnostics(per_layer: Sequence[Mapping[str, jax.Array]],

@@ -313,12 +313,12 @@ def _source_config(path: str):
   from sea_jax import checkpoint
   if not os.path.exists(path) and (path.startswith((".", "/")) or path.count("/") > 1):
     raise VisualizeError(f"no such model: {path}")
-  return checkpoint.source_config(path)
+  return checkpoint.stored_config(path)
 
 
 def _tokens(args) -> tuple[np.ndarray, bool, list[str]]:
   """(ids (T,) int32 after --max-tokens, whether truncated, one label per token)."""
-  from sea_jax import data
+  from sea_jax import checkpoint, data
   if args.text_file is not None:
     if not os.path.isfile(args.text_file):
       raise VisualizeError(f"no such text file: {args.text_file}")
@@ -326,7 +326,7 @@ def _tokens(args) -> tuple[np.ndarray, bool, list[str]]:
       text = f.read()
   else:
     text = args.text
-  tokenizer = data.load_tokenizer(args.model if os.path.isdir(args.model) else None)
+  tokenizer = checkpoint.model_tokenizer(args.model)
   ids = data.encode(tokenizer, text)
   if ids.size == 0:
     raise VisualizeError("the text is empty after tokenisation")

@@ -11,6 +11,7 @@ import os
 from sea_jax.config import DENSE_IMPLS, SPARSE_IMPLS
 from sea_jax.errors import add_debug_flag
 from sea_jax.training.settings import TrainError, config_file
+from sea_jax.training.step import MODES
 
 EPILOG = """\
 exit codes: 0 done (OUT/final written); 1 non-finite loss (nothing saved past the last good
@@ -29,9 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
       description="Distil a SEA student from a frozen dense OPT teacher (SEA_SPEC §2), or "
                   "pretrain a dense OPT with plain cross-entropy (--mode pretrain).")
   g = p.add_argument_group("run")
-  g.add_argument("--mode", choices=("distill", "pretrain"), default="distill",
-                 help="distill: SEA student vs frozen dense teacher; pretrain: dense OPT, CE only "
-                      "(default: distill)")
+  g.add_argument("--mode", choices=MODES, default="distill",
+                 help="distill: SEA student vs frozen dense teacher (SEA_SPEC §2); layerwise: "
+                      "the attention warm-up, every SEA layer on its teacher layer's own q, k, "
+                      "v with L_approx + L_context (implies --freeze-base); pretrain: dense "
+                      "model, CE only (default: distill)")
   g.add_argument("--out", required=True, help="output folder: checkpoints, metrics.jsonl, "
                  "train_config.json, final/ (re-running the same command resumes)")
   g.add_argument("--steps", type=int, required=True, help="optimizer steps in total")
@@ -56,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--tokenizer", help="pretrain from scratch: a Hugging Face tokenizer folder "
                                      "(e.g. from recipes/prepare_corpus.py), copied into the "
                                      "model folder (default: the bundled OPT tokenizer)")
+  g.add_argument("--freeze-base", action="store_true",
+                 help="distill: train only the SEA modules (estimator, gates, position table) "
+                      "on the frozen pretrained weights; the optimizer holds nothing else "
+                      "(default: train every weight, as the paper)")
   g.add_argument("--attention", choices=("sea", "performer"), default="sea",
                  help="distill: the student's attention; performer is the paper's linear "
                       "baseline (default sea)")
@@ -146,13 +153,21 @@ def check_flags(args: argparse.Namespace) -> None:
   if args.sea_k is not None and args.sea_k < 1:
     raise TrainError(f"--sea-k must be >= 1, got {args.sea_k}")
   args.sea_k_range = parse_k_range(args.sea_k_train)
-  if args.sea_k_range is not None and (args.mode != "distill" or args.attention != "sea"):
+  if args.sea_k_range is not None and (args.mode == "pretrain" or args.attention != "sea"):
     raise TrainError("--sea-k-train applies to distilling a SEA student only")
   if not 0.0 <= args.dropout < 1.0:
     raise TrainError(f"--dropout must be in [0, 1), got {args.dropout}")
-  if args.mode == "distill":
+  if args.mode == "layerwise":
+    if args.attention != "sea":
+      raise TrainError("--mode layerwise trains SEA's estimator: it needs --attention sea")
+    args.freeze_base = True
+  if args.freeze_base and args.mode == "pretrain":
+    raise TrainError("--freeze-base applies to a SEA student (--mode distill or layerwise)")
+  if args.freeze_base and args.attention != "sea":
+    raise TrainError("--freeze-base trains only the SEA modules: a Performer student has none")
+  if args.mode in ("distill", "layerwise"):
     if not args.teacher:
-      raise TrainError("--mode distill needs --teacher PATH (a dense OPT checkpoint)")
+      raise TrainError(f"--mode {args.mode} needs --teacher PATH (a dense model)")
     _check_source(args.teacher, "teacher")
   else:
     shape_flags = (args.layers, args.d_model, args.heads, args.ffn, args.max_positions)
@@ -191,6 +206,12 @@ def parse_k_range(text: str | None) -> tuple[int, int] | None:
 
 
 def _check_source(path: str, what: str) -> None:
+  from sea_jax.gguf_io import GGUFError, resolve_gguf
+  try:
+    if resolve_gguf(path) is not None:
+      return
+  except GGUFError as e:
+    raise TrainError(f"--{what}: {e}") from None
   looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.exists(path)
   if looks_local and not os.path.isdir(path):
     raise TrainError(f"--{what} not found: {path} is not a model folder")

@@ -14,7 +14,7 @@ import numpy as np
 
 from sea_jax import data as data_lib
 from sea_jax import sharding as shd
-from sea_jax.checkpoint import apply_overrides
+from sea_jax.checkpoint import apply_overrides, stored_config
 from sea_jax.config import ConfigError, ModelConfig
 from sea_jax.training import distributed, models, optimizer
 from sea_jax.training.checkpointing import StopFlag, TrainCheckpointer
@@ -46,10 +46,10 @@ def make_plan(args: argparse.Namespace, mesh_shape: dict[str, int]) -> Plan:
     common["sea_sparse_impl"] = args.sparse_impl
   dense_impl = {"dense_impl": args.dense_impl} if getattr(args, "dense_impl", None) else {}
   common.update(dense_impl)
-  if args.mode == "distill":
-    teacher_src = models.source_config(args.teacher)
+  if args.mode in ("distill", "layerwise"):
+    teacher_src = stored_config(args.teacher)
     init_path = args.init_from or args.teacher
-    base = models.source_config(init_path) if args.init_from else teacher_src
+    base = stored_config(init_path) if args.init_from else teacher_src
     sea = {k: v for k, v in (("sea_K", args.sea_K), ("sea_k", args.sea_k)) if v is not None}
     student = apply_overrides(base, attention=args.attention, **sea, **common)
     teacher = apply_overrides(teacher_src, attention="dense", dtype=args.dtype,
@@ -63,7 +63,7 @@ def make_plan(args: argparse.Namespace, mesh_shape: dict[str, int]) -> Plan:
     tokenizer_src = args.teacher
   else:
     init_path = args.init_from
-    base = models.source_config(init_path) if init_path else scratch_config(args)
+    base = stored_config(init_path) if init_path else scratch_config(args)
     student = apply_overrides(base, attention="dense", attention_layers=None, **common)
     teacher = None
     lrs = {"sea": args.lr, "pretrained": args.lr}
@@ -141,8 +141,9 @@ def check_checkpoint_room(out: str, abstract_params, tx, keep: int) -> None:
 
 
 def load_tokens(args, plan: Plan, out: str, vocab_size: int, is_writer: bool) -> np.ndarray:
-  tokenizer = data_lib.load_tokenizer(plan.tokenizer_src if plan.tokenizer_src and
-                                      os.path.isdir(plan.tokenizer_src) else None)
+  from sea_jax.checkpoint import model_tokenizer
+  tokenizer = (model_tokenizer(plan.tokenizer_src) if plan.tokenizer_src
+               else data_lib.load_tokenizer(None))
   cache_dir = args.cache_dir or os.path.join(out, "cache")
   tokens = data_lib.load_training_tokens(args.train_text, tokenizer, cache_dir,
                                          wikitext_raw=args.wikitext_raw,
@@ -203,7 +204,7 @@ class Runner:
     except ValueError as e:
       raise TrainError(str(e)) from None
 
-    student = models.ModelBridge(plan.student)
+    student = models.ModelBridge(plan.student, "sea" if args.freeze_base else "all")
     teacher = models.ModelBridge(plan.teacher) if plan.teacher is not None else None
     tx = optimizer.make_optimizer(plan.learning_rates, args.weight_decay,
                                   schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
@@ -279,7 +280,7 @@ class Runner:
     def lr_fields(step: int) -> dict[str, float]:
       """The learning rates the update to `step` used (optax counts updates from 0)."""
       at = {g: float(f(step - 1)) if callable(f) else f for g, f in schedules.items()}
-      if spec.mode == "distill":
+      if spec.mode != "pretrain":
         return {"lr": at["sea"], "lr_sea": at["sea"], "lr_pretrained": at["pretrained"]}
       return {"lr": at["pretrained"]}
     from tqdm import tqdm

@@ -1,8 +1,9 @@
 """Models as pure-dict pytrees for training: split into trainable params and the rest.
 
 A `ModelBridge` holds a model's graph and abstract state; the train step works on two pure
-dicts, `params` (every `nnx.Param`) and `rest` (other variables, e.g. SEA's fixed random
-features), and rebuilds the module inside traced functions with `bridge.merge(params, rest)`.
+dicts, `params` (the trained `nnx.Param`s: all of them, or the SEA modules alone over a frozen
+base) and `rest` (everything else, e.g. SEA's fixed random features), and rebuilds the module
+inside traced functions with `bridge.merge(params, rest)`.
 """
 from __future__ import annotations
 
@@ -26,17 +27,34 @@ def merge_dicts(a: dict, b: dict) -> dict:
   return out
 
 
+TRAINABLE = ("all", "sea")  # what a run trains: every parameter, or the SEA modules alone
+
+
+def trainable_filter(trainable: str):
+  """The nnx filter of the trained variables: every `nnx.Param`, or ("sea", a frozen base)
+  only the Params under an attention `core` (estimator, gates, position table)."""
+  if trainable == "all":
+    return nnx.Param
+  if trainable == "sea":
+    return nnx.All(nnx.Param, nnx.PathContains(ckpt.FRESH_OK_MARKERS[0]))
+  raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+
+
 class ModelBridge:
   """Graph + abstract state of the model of `config` (any family); nothing allocated.
 
   abstract_params / abstract_rest: pure dicts of ShapeDtypeStructs; shardings(mesh) gives the
-  matching NamedSharding trees.
+  matching NamedSharding trees. `trainable="sea"` puts every parameter outside the attention
+  cores into `rest` (a frozen base): the optimizer, its state and the gradients then hold the
+  SEA modules alone.
   """
 
-  def __init__(self, config: ModelConfig):
+  def __init__(self, config: ModelConfig, trainable: str = "all"):
     self.config = config
+    self.trainable = trainable
+    self._filter = trainable_filter(trainable)
     model = nnx.eval_shape(lambda: ckpt.build_model(config, nnx.Rngs(config.sea.seed)))
-    self.graphdef, self._params, self._rest = nnx.split(model, nnx.Param, ...)
+    self.graphdef, self._params, self._rest = nnx.split(model, self._filter, ...)
     self.abstract_params = nnx.to_pure_dict(self._params)
     self.abstract_rest = nnx.to_pure_dict(self._rest)
 
@@ -62,13 +80,8 @@ class ModelBridge:
 
   def split(self, model: nnx.Module) -> tuple[dict, dict]:
     """A live model -> (params, rest) pure dicts."""
-    _, params, rest = nnx.split(model, nnx.Param, ...)
+    _, params, rest = nnx.split(model, self._filter, ...)
     return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-
-
-def source_config(path: str):
-  """The config of a sea-jax model folder or a Hugging Face folder (or hub id), any family."""
-  return ckpt.source_config(path)
 
 
 def load_weights(path: str, bridge: ModelBridge, mesh: Mesh, overrides: dict) -> tuple[dict, dict]:
@@ -106,4 +119,7 @@ def export_model(folder: str, bridge: ModelBridge, params: dict, rest: dict,
       hf_io.copy_tokenizer(tokenizer_src, folder)
     else:
       from sea_jax.data import load_tokenizer, save_tokenizer
-      save_tokenizer(load_tokenizer(None), folder)
+      tokenizer = ckpt.model_tokenizer(tokenizer_src) if tokenizer_src else load_tokenizer(None)
+      save_tokenizer(tokenizer, folder)
+    if tokenizer_src and ckpt.source_digest(tokenizer_src) is not None:
+      ckpt.write_base_record(folder, tokenizer_src)  # the base it was distilled from

@@ -93,6 +93,8 @@ def essentials(args: argparse.Namespace, config) -> dict[str, Any]:
     out["lr_schedule"] = args.lr_schedule
   if getattr(args, "warmup_steps", 0):
     out["warmup_steps"] = args.warmup_steps
+  if getattr(args, "freeze_base", False):
+    out["trainable"] = "sea"
   if config.attention == "sea":
     out["sea_K"] = config.sea.K
     out["sea_nbf"] = config.sea.nbf

@@ -24,9 +24,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sea_jax import losses
 from sea_jax import sharding as shd
+from sea_jax.decoder import attention_cores
 from sea_jax.training.models import ModelBridge
 
-MODES = ("distill", "pretrain")
+MODES = ("distill", "layerwise", "pretrain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,22 @@ def _distill_loss(spec: StepSpec, student: ModelBridge, teacher: ModelBridge):
   return loss
 
 
+def _layerwise_loss(spec: StepSpec, student: ModelBridge, teacher: ModelBridge):
+  """The attention warm-up: every student attention core runs on its teacher layer's own
+  q, k, v (teacher forcing, all layers at once from one teacher forward) and learns L_approx +
+  L_context (`losses.layerwise_loss`); the rest of the student model is not run."""
+  def loss(params, rest, teacher_state, tokens, key, sea_k=None):
+    del key  # the cores have no dropout
+    inputs = tokens[:, :-1]
+    t_model = teacher.merge(teacher_state["params"], teacher_state["rest"])
+    t_aux = jax.lax.stop_gradient(t_model(inputs, return_attn_aux=True).attn_aux)
+    s_cores = attention_cores(student.merge(params, rest))
+    s_aux = [core(ta["q"], ta["k"], ta["v"], sea_k=sea_k, return_aux=True)[1]
+             for core, ta in zip(s_cores, t_aux)]
+    return losses.layerwise_loss(t_aux, s_aux, K=spec.K, query_block=spec.loss_query_block)
+  return loss
+
+
 def _pretrain_loss(student: ModelBridge):
   def loss(params, rest, teacher_state, tokens, key, sea_k=None):
     del teacher_state, sea_k
@@ -95,10 +112,10 @@ def _pretrain_loss(student: ModelBridge):
 
 def make_loss_fn(spec: StepSpec, student: ModelBridge, teacher: ModelBridge | None) -> Callable:
   """loss(params, rest, teacher_state, tokens (n, T+1), key|None, sea_k=None) -> (total, terms)."""
-  if spec.mode == "distill":
+  if spec.mode in ("distill", "layerwise"):
     if teacher is None:
-      raise ValueError("distillation needs a teacher")
-    return _distill_loss(spec, student, teacher)
+      raise ValueError(f"{spec.mode} needs a teacher")
+    return (_distill_loss if spec.mode == "distill" else _layerwise_loss)(spec, student, teacher)
   if spec.mode == "pretrain":
     return _pretrain_loss(student)
   raise ValueError(f"unknown mode {spec.mode!r}; expected one of {MODES}")
