@@ -7,8 +7,8 @@ Writes OUT/train.txt (37 books), OUT/heldout.txt (the last three books of the co
 trained on: H. G. Wells' *The Time Machine* and *The War of the Worlds*, Oscar Wilde's *The
 Picture of Dorian Gray*), OUT/split.json (character ranges and sha256 of each part) and
 OUT/tokenizer/ (a byte-level BPE trained on train.txt only, saved as a Hugging Face tokenizer:
-`<s>`=0, `<pad>`=1, `</s>`=2 (BOS and EOS, like OPT), `<unk>`=3). Re-running with the same
-inputs does nothing; every file is written through a temporary name and a rename.
+`<s>`=0, `<pad>`=1, `</s>`=2 (BOS and EOS, like OPT), `<unk>`=3); with --split-only no
+tokenizer (a pretrained model's recipe). Re-running with the same inputs does nothing; every file is written through a temporary name and a rename.
 """
 from __future__ import annotations
 
@@ -73,6 +73,8 @@ def main(argv=None) -> int:
                  help="the Gutenberg corpus (default ../shared/data/gutenberg/...)")
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary (default 8192)")
+  p.add_argument("--split-only", action="store_true",
+                 help="write the split alone, no tokenizer (a pretrained model brings its own)")
   p.add_argument("--max-train-chars", type=int, default=0,
                  help="keep only the first N characters of the training books (0: all; for "
                       "toy runs)")
@@ -92,20 +94,24 @@ def main(argv=None) -> int:
     train = train[:args.max_train_chars]
   meta = {"corpus_sha256": sha256(text), "train_chars": len(train), "heldout_chars": len(heldout),
           "train_sha256": sha256(train), "heldout_sha256": sha256(heldout),
-          "heldout_books": list(HELDOUT_BOOKS), "vocab_size": args.vocab_size}
+          "heldout_books": list(HELDOUT_BOOKS),
+          "vocab_size": None if args.split_only else args.vocab_size}
   done = out / "split.json"
-  if (done.is_file() and json.loads(done.read_text()) == meta and (out / "tokenizer").is_dir()):
+  if (done.is_file() and json.loads(done.read_text()) == meta
+      and (args.split_only or (out / "tokenizer").is_dir())):
     print(f"{out}: already prepared", file=sys.stderr)
     return 0
   _write_text(out / "train.txt", train)
   _write_text(out / "heldout.txt", heldout)
-  if (out / "tokenizer").exists():
-    import shutil
-    shutil.rmtree(out / "tokenizer")
-  train_tokenizer(out / "train.txt", args.vocab_size, out / "tokenizer")
+  if not args.split_only:
+    if (out / "tokenizer").exists():
+      import shutil
+      shutil.rmtree(out / "tokenizer")
+    train_tokenizer(out / "train.txt", args.vocab_size, out / "tokenizer")
   _write_text(done, json.dumps(meta, indent=2) + "\n")
+  what = "" if args.split_only else f", tokenizer of {args.vocab_size} tokens"
   print(f"{out}: {len(train):,} training characters, {len(heldout):,} held-out "
-        f"({', '.join(HELDOUT_BOOKS)}), tokenizer of {args.vocab_size} tokens", file=sys.stderr)
+        f"({', '.join(HELDOUT_BOOKS)}){what}", file=sys.stderr)
   return 0
 
 

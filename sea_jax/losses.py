@@ -343,6 +343,27 @@ def attention_layer_loss(teacher_aux: Mapping[str, jax.Array], student_aux: Mapp
     return _finish(sums, teacher_aux, student_aux, row_w, H, T)
 
 
+def teacher_bin_mass(teacher_aux: Mapping[str, jax.Array], *, K: int,
+                     query_block: int = 128) -> jax.Array:
+  """The teacher's attention mass on each of every row's K bins: (N,H,T,K) fp32, one block of
+  query rows at a time (O(query_block * T) per head). What an oracle estimator would predict:
+  the grouped top-k of it is the best mask any estimator can keep at that k."""
+  q = _teacher(teacher_aux["q"])
+  k = repeat_kv(_teacher(teacher_aux["k"]), q.shape[1])
+  N, H, T, d = q.shape
+  B = min(query_block, T)
+  n = -(-T // B)
+  qb = jnp.pad(q, [(0, 0), (0, 0), (0, n * B - T), (0, 0)]).reshape(N, H, n, B, d)
+
+  def one(i):
+    rows = i * B + jnp.arange(B, dtype=jnp.int32)
+    visible, log_a, a = _teacher_map(qb[:, :, i], k, None, rows)
+    return _teacher_bins(visible, log_a, a, None, rows, K)[0]
+
+  mass = jax.lax.map(one, jnp.arange(n))  # (n, N, H, B, K)
+  return jnp.moveaxis(mass, 0, 2).reshape(N, H, n * B, K)[:, :, :T]
+
+
 def dense_attention_layer_loss(teacher_aux: Mapping[str, jax.Array],
                                student_aux: Mapping[str, jax.Array], *, K: int,
                                key_mask: jax.Array | None = None) -> dict[str, jax.Array]:

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "train at --sea-k only, as the paper)")
   g.add_argument("--sea-K", type=int, help="SEA compressed width, a multiple of 4 (default: "
                                            "the checkpoint's, 256)")
+  g.add_argument("--sea-position-rows", type=int,
+                 help="rows of each SEA layer's learned position table P; fewer rows than the "
+                      "model's positions are read by linear interpolation (default: the "
+                      "checkpoint's, else the positions capped at 8192)")
   g.add_argument("--sparse-impl", choices=SPARSE_IMPLS,
                  help="SEA sparse attention: xla (tile list), blocked (each query block "
                       "over the keys it can see), pallas; default auto: pallas on GPU/TPU, on "
@@ -150,6 +154,8 @@ def check_flags(args: argparse.Namespace) -> None:
     raise TrainError(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
   if args.sea_K is not None and (args.sea_K < 4 or args.sea_K % 4):
     raise TrainError(f"--sea-K must be a positive multiple of 4, got {args.sea_K}")
+  if args.sea_position_rows is not None and args.sea_position_rows < 2:
+    raise TrainError(f"--sea-position-rows must be >= 2, got {args.sea_position_rows}")
   if args.sea_k is not None and args.sea_k < 1:
     raise TrainError(f"--sea-k must be >= 1, got {args.sea_k}")
   args.sea_k_range = parse_k_range(args.sea_k_train)

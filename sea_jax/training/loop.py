@@ -50,7 +50,8 @@ def make_plan(args: argparse.Namespace, mesh_shape: dict[str, int]) -> Plan:
     teacher_src = stored_config(args.teacher)
     init_path = args.init_from or args.teacher
     base = stored_config(init_path) if args.init_from else teacher_src
-    sea = {k: v for k, v in (("sea_K", args.sea_K), ("sea_k", args.sea_k)) if v is not None}
+    sea = {k: v for k, v in (("sea_K", args.sea_K), ("sea_k", args.sea_k),
+                             ("sea_position_rows", args.sea_position_rows)) if v is not None}
     student = apply_overrides(base, attention=args.attention, **sea, **common)
     teacher = apply_overrides(teacher_src, attention="dense", dtype=args.dtype,
                               param_dtype="float32", dropout=0.0, remat=False,

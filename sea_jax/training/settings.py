@@ -98,6 +98,8 @@ def essentials(args: argparse.Namespace, config) -> dict[str, Any]:
   if config.attention == "sea":
     out["sea_K"] = config.sea.K
     out["sea_nbf"] = config.sea.nbf
+    if config.sea.position_rows is not None:
+      out["sea_position_rows"] = config.sea.position_rows
     if getattr(args, "sea_k_range", None) is not None:
       out["sea_k_train"] = list(args.sea_k_range)
   return out
