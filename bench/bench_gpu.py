@@ -92,7 +92,7 @@ def correctness(report: Report, args) -> None:
   f32 = lambda x: x.astype(jnp.float32)
   ref = jax.jit(lambda q, k, v: grads(lambda q, k, v: sparse_attention_reference(q, k, v, cm),
                                       q, k, v))(f32(q), f32(k), f32(v))
-  from sea_jax.sea import sparse_attention as xla_sparse
+  from sea_jax.ops import sparse_attention as xla_sparse
   for name, fn in [("pallas (bf16)", lambda q, k, v: pallas_sparse(q, k, v, cm,
                                                                    interpret=args.interpret)),
                    ("jax-sparse (bf16)", lambda q, k, v: xla_sparse(q, k, v, cm))]:
@@ -108,7 +108,7 @@ def correctness(report: Report, args) -> None:
 
 def attention_methods(args) -> dict:
   from pallas_kernels import sparse_attention as pallas_sparse
-  from sea_jax.sea import sparse_attention as xla_sparse
+  from sea_jax.ops import sparse_attention as xla_sparse
   out = {"pallas": lambda q, k, v, cm: pallas_sparse(q, k, v, cm, interpret=args.interpret),
          "jax-sparse": lambda q, k, v, cm: xla_sparse(q, k, v, cm),
          "dense-xla": dense_fn("xla")}

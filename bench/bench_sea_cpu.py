@@ -2,7 +2,7 @@
 
 Measures, in one run on the default device (opt-125m head shapes: N=1, H=12, d=64, K=256, k=64,
 fp32):
-  1. `sea_jax.sea.sparse_attention` (tile list), `sparse_attention_reference` (every key) and
+  1. `sea_jax.ops.sparse_attention` (tile list), `sparse_attention_reference` (every key) and
      `jax.nn.dot_product_attention(implementation="xla", is_causal=True)`: forward and
      forward+backward wall time, on coherent SEA masks (bench_sparse_attention.make_mask 'sea':
      a smooth per-head profile over bins drifting slowly over rows), with the visited tile
@@ -33,10 +33,10 @@ from flax import nnx  # noqa: E402
 from bench_sparse_attention import make_mask  # noqa: E402
 from sea_jax.attention import make_attention_core  # noqa: E402
 from sea_jax.config import OPTConfig, SEAConfig  # noqa: E402
+from sea_jax.ops import sparse_attention, sparse_attention_reference  # noqa: E402
+from sea_jax.ops.sparse import causal_visited_tiles  # noqa: E402
 from sea_jax.sea import (causal_linear_attention, causal_mean, grouped_topk_mask,  # noqa: E402
-                         masked_bin_softmax, relu_features, sparse_attention,
-                         sparse_attention_reference)
-from sea_jax.sea.sparse import causal_visited_tiles  # noqa: E402
+                         masked_bin_softmax, relu_features)
 
 N, H, D, K, k = 1, 12, 64, 256, 64
 BLOCK = 128
@@ -74,7 +74,7 @@ def inputs(T: int, seed: int = 0):
 def tile_flops(T: int, visited: float) -> dict[str, float]:
   """Forward FLOPs (the two matmuls) the tile list executes: its ladder rung's tiles x 4·B²·d;
   dense XLA attention's full 4·H·T²·d; and the physical limit is kept keys x 4·d per query."""
-  from sea_jax.sea import tile_ladder
+  from sea_jax.ops import tile_ladder
   nb = -(-T // BLOCK)
   causal = N * H * nb * (nb + 1) // 2
   need = round(visited * causal)
@@ -89,7 +89,7 @@ def mask_stats(cm) -> tuple[float, float]:
   vis = causal_visited_tiles(cm, BLOCK)
   nb = vis.shape[-1]
   visited = float(jnp.sum(vis)) / (N * H * nb * (nb + 1) / 2)
-  from sea_jax.sea import bin_bounds
+  from sea_jax.ops import bin_bounds
   starts, ends = bin_bounds(T, K)
   kept = float(jnp.sum(jnp.where(cm, (ends - starts)[None, None], 0)))
   return visited, kept / (N * H * T * (T + 1) / 2)

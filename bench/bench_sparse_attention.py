@@ -5,7 +5,7 @@
 
 Times (median of --iters, after a compile + warm-up call) the forward and forward+backward
 of: the Pallas kernel (`pallas_kernels.sparse_attention`), the pure-JAX
-`sea_jax.sea.sparse_attention`, and dense causal attention (`jax.nn.dot_product_attention`,
+`sea_jax.ops.sparse_attention`, and dense causal attention (`jax.nn.dot_product_attention`,
 implementation "xla" and "cudnn" where present). Memory is XLA's compiled estimate
 (temp + output bytes of the jitted function; inputs excluded), which does not depend on
 what ran before. Masks: "sea" (smooth logits over (t, bin), neighbouring rows pick similar
@@ -97,7 +97,7 @@ def methods(args):
   out = {"pallas": lambda q, k, v, cm: pallas_sparse_attention(
       q, k, v, cm, interpret=args.interpret, block_sizes=bs)}
   try:
-    from sea_jax.sea import sparse_attention as xla_sparse
+    from sea_jax.ops import sparse_attention as xla_sparse
     out["jax-sparse"] = lambda q, k, v, cm: xla_sparse(q, k, v, cm, query_block=args.query_block)
   except ImportError as e:
     print(f"skipping jax-sparse: {e}")

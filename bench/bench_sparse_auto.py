@@ -39,9 +39,9 @@ import jax.numpy as jnp  # noqa: E402
 from bench_sea_cpu import best_time, fwd_bwd  # noqa: E402
 from bench_train_step import time_compiled_step  # noqa: E402
 from bench_sparse_attention import make_mask  # noqa: E402
-from sea_jax.attention import dense_attention  # noqa: E402
-from sea_jax.blocked_attention import blocked_attention  # noqa: E402
-from sea_jax.sea.sparse import sparse_attention, sparse_attention_reference  # noqa: E402
+from sea_jax.ops.dense import dense_attention  # noqa: E402
+from sea_jax.ops.blocked_attention import blocked_attention  # noqa: E402
+from sea_jax.ops.sparse import sparse_attention, sparse_attention_reference  # noqa: E402
 
 SHAPES = {"recipe (N=8, H=8, d=32, K=64, k=32)": (8, 8, 32, 64, 32),
           "opt-125m (N=1, H=12, d=64, K=256, k=64)": (1, 12, 64, 256, 64)}
@@ -78,7 +78,7 @@ def full_rung_rows(lengths, repeats):
   """The tile list run on every rung against the default (its every-tile rung handed to
   blocked_attention), on an untrained estimator's kind of mask ("random": scattered bins, nearly
   every tile visited) and a coherent one ("sea"); K=256, k=64, N=1."""
-  from sea_jax.sea.sparse import causal_visited_tiles
+  from sea_jax.ops.sparse import causal_visited_tiles
   rows = []
   for label, (H, Hkv, D) in RUNG_SHAPES.items():
     for T in lengths:

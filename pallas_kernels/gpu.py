@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from sea_jax.sea.block_map import BlockMap, tile_bins
+from sea_jax.ops.block_map import BlockMap, tile_bins
 
 # Finite "minus infinity" for masked scores: exp(MASK - anything finite) == 0 and
 # MASK - MASK == 0 does not produce NaN.

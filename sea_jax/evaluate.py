@@ -219,6 +219,12 @@ def _run_eval(args) -> int:
   texts = check_args(args)
   ks = parse_k_list(args.sea_k)
   paths = args.model or bundle.bundled_model_paths()
+  if not args.model:  # the default job: the student's window, a documented slice of the split
+    args.seq_len = args.seq_len or bundle.SEQ_LEN
+    if args.max_windows is None and not getattr(args, "all_windows", False):
+      args.max_windows = bundle.WINDOWS
+      print(f"note: the default run scores the first {bundle.WINDOWS} windows of "
+            f"{args.seq_len} tokens; --all-windows scores the whole split", file=sys.stderr)
   mesh = shd.make_mesh(args.mesh)
   token_cache: dict[str, np.ndarray] = {}
   for path in paths:

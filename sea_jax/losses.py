@@ -36,9 +36,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from sea_jax.attention import repeat_kv
-from sea_jax.blocked_attention import SCORE_BYTES, causal_groups, pick_block
-from sea_jax.sea.bins import bin_index, row_bounds
+from sea_jax.ops.blocked_attention import SCORE_BYTES, causal_groups, pick_block
+from sea_jax.ops.dense import repeat_kv
+from sea_jax.ops.bins import bin_index, row_bounds
 
 NEG = -1e30  # "-large": exp(NEG - lse) is exactly 0 in fp32
 KL_WEIGHT = 0.1  # weight of the KL term inside L_approx and L_prob

@@ -53,7 +53,7 @@ def upsample_estimate(est_probs, T: int | None = None, *, row_offset: int = 0) -
   the result sums to the mass Â puts on non-empty bins (below 1 in rows with t + 1 < K,
   where `masked_bin_softmax` leaves the empty bins' share out rather than renormalising).
   """
-  from sea_jax.sea.bins import bin_bounds, bin_index
+  from sea_jax.ops.bins import bin_bounds, bin_index
   est = np.asarray(est_probs, np.float32)
   R, K = est.shape[-2:]
   T = row_offset + R if T is None else T
@@ -74,7 +74,7 @@ def causal_softmax(q, k) -> np.ndarray:
   """q (pre-scaled), k (…,T,d) -> (…,T,T) float32 causal softmax(q·kᵀ), 0 above diagonal."""
   import jax
   import jax.numpy as jnp
-  from sea_jax.attention import NEG_INF
+  from sea_jax.ops.dense import NEG_INF
   T = q.shape[-2]
   q, k = jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32)
   scores = jnp.einsum("...td,...sd->...ts", q, k)
@@ -109,8 +109,8 @@ def attention_maps(model, ids, *, sea_k: int | None = None, teacher=None,
       mean over rows
   """
   import jax.numpy as jnp
-  from sea_jax.attention import repeat_kv
-  from sea_jax.sea import expand_mask
+  from sea_jax.ops.dense import repeat_kv
+  from sea_jax.ops.sparse import expand_mask
   ids = jnp.asarray(ids, jnp.int32).reshape(1, -1)
   T = ids.shape[1]
   chosen = sea_layers(model.config) if layers is None else list(layers)

@@ -9,6 +9,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pathlib  # noqa: E402
+import zlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -17,10 +18,25 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("SEA_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def seed_of(name: str) -> int:
+  """A fixed 31-bit seed from a name: every run of a test draws the same numbers.
+  SEA_TEST_SEED=N replaces it (to explore other draws by hand)."""
+  env = os.environ.get("SEA_TEST_SEED")
+  if env:
+    return int(env)
+  return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
+
+
+def test_seed() -> int:
+  """The running test's seed: `seed_of` its node id (pytest's PYTEST_CURRENT_TEST)."""
+  current = os.environ.get("PYTEST_CURRENT_TEST", "no-test")
+  return seed_of(current.rsplit(" (", 1)[0])
+
+
 @pytest.fixture
 def rng(request):
-  """A fresh NumPy generator per test; its seed is printed when the test fails."""
-  seed = int(np.random.SeedSequence().entropy % (2**31))
+  """A NumPy generator seeded from the test's node id (`seed_of`), printed on failure."""
+  seed = seed_of(request.node.nodeid)
   print(f"\n[{request.node.name}] numpy seed = {seed}")
   return np.random.default_rng(seed)
 

@@ -1,4 +1,4 @@
-"""sea_jax.blocked_attention: causal attention a block of query rows at a time, each block over
+"""sea_jax.ops.blocked_attention: causal attention a block of query rows at a time, each block over
 only the keys it can see, with a FlashAttention-style custom VJP. Checked against a float64
 NumPy softmax (forward) and against float64 autodiff of the T x T reference (gradients), with
 padding, SEA's compressed mask, grouped-query heads and T not a multiple of the block."""
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import relative_error
-from sea_jax.attention import dense_attention
-from sea_jax.blocked_attention import blocked_attention, causal_groups, expand_rows, pick_block
-from sea_jax.sea.topk import expand_mask
+from sea_jax.ops.dense import dense_attention
+from sea_jax.ops.blocked_attention import blocked_attention, causal_groups, expand_rows, pick_block
+from sea_jax.ops.sparse import expand_mask
 
 
 def _visible_np(N, H, T, key_mask=None, compressed=None):
@@ -163,7 +163,7 @@ def test_memory_grows_linearly_in_length():
 def test_splash_attention_matches_float64_softmax_and_autodiff(rng, Hkv):
   """dense_attention_splash (interpreted off TPU) against the float64 softmax and the fp64
   autodiff of the T x T reference; T not a multiple of the 128 tile, grouped-query heads."""
-  from sea_jax.attention import dense_attention_splash
+  from sea_jax.ops.dense import dense_attention_splash
   N, H, T, d = 1, 4, 150, 32
   q, k, v, _, _ = _inputs(rng, N, H, Hkv, T, d)
   got = dense_attention_splash(*map(jnp.asarray, (q, k, v)))
@@ -182,7 +182,8 @@ def test_splash_attention_matches_float64_softmax_and_autodiff(rng, Hkv):
 
 def test_dense_impl_splash_takes_the_chunked_path_for_padded_batches(rng):
   """Splash has no padding mask: with key_mask the seam runs blocked_attention instead."""
-  from sea_jax.attention import AttentionShape, DenseAttention
+  from sea_jax.attention import DenseAttention
+  from sea_jax.config import AttentionShape
   from sea_jax.config import SEAConfig
   shape = AttentionShape(num_heads=2, num_kv_heads=2, head_dim=16, max_positions=64,
                          dtype=jnp.float32, param_dtype=jnp.float32, sea=SEAConfig(),

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, seed_of
 from hf_models import save_tiny_opt
 from sea_jax import data
 
@@ -42,7 +42,7 @@ def transformers_ppl(model, windows: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
   folder = tmp_path_factory.mktemp("eval") / "hf"
-  model = save_tiny_opt(str(folder), "pre", seed=int(np.random.randint(1 << 30)), with_tokenizer=True)
+  model = save_tiny_opt(str(folder), "pre", seed=seed_of("test_eval.tiny_hf"), with_tokenizer=True)
   return str(folder), model
 
 

@@ -130,7 +130,7 @@ def test_cached_logits_equal_full_forward_and_decode_compiles_once(family):
 def test_attention_over_cache_slots_chunked_equals_reference(rng):
   """q of T rows at slots o..o+T-1 against S >= o + T cache slots (GQA, padded slots): the
   chunked path equals the reference, and both equal a NumPy softmax over the visible slots."""
-  from sea_jax.attention import dense_attention, dense_attention_chunked
+  from sea_jax.ops.dense import dense_attention, dense_attention_chunked
   N, H, Hkv, T, S, d, o = 2, 4, 2, 7, 16, 8, 5
   q, k, v = (rng.standard_normal(shape).astype(np.float32)
              for shape in ((N, H, T, d), (N, Hkv, S, d), (N, Hkv, S, d)))

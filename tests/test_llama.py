@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO, relative_error
+from conftest import REPO, relative_error, seed_of
 from hf_models import save_tiny_llama
 from sea_jax import checkpoint, convert, sharding
 from sea_jax.config import ConfigError, LlamaConfig, config_from_hf_dict
@@ -35,7 +35,7 @@ def converted(request, tmp_path_factory):
   """(case, torch model, HF folder, converted model folder)."""
   root = tmp_path_factory.mktemp(request.param)
   model_type, kwargs = CASES[request.param]
-  model = save_tiny_llama(str(root / "hf"), model_type, seed=int(np.random.randint(1 << 30)),
+  model = save_tiny_llama(str(root / "hf"), model_type, seed=seed_of(f"test_llama.converted.{request.param}"),
                           **kwargs)
   convert.hf_to_model_folder(str(root / "hf"), str(root / "sj"))
   return request.param, model, str(root / "hf"), str(root / "sj")

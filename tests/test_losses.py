@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import seed_of
 
 from sea_jax import losses
 
-SEED = int(np.random.SeedSequence().entropy % 2**31)
+SEED = seed_of("test_losses")
 print(f"test_losses seed: {SEED}")
 RTOL = 1e-5
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import relative_error
+from conftest import relative_error, seed_of
 from hf_models import save_tiny_opt, torch_logits
 from sea_jax import checkpoint, convert, sharding
 from sea_jax.config import ConfigError
@@ -19,7 +19,7 @@ from sea_jax.config import ConfigError
 def converted(request, tmp_path_factory):
   """(variant, torch model, converted model folder)."""
   root = tmp_path_factory.mktemp(f"opt_{request.param}")
-  model = save_tiny_opt(str(root / "hf"), request.param, seed=int(np.random.randint(1 << 30)))
+  model = save_tiny_opt(str(root / "hf"), request.param, seed=seed_of(f"test_opt.converted.{request.param}"))
   convert.hf_to_model_folder(str(root / "hf"), str(root / "sj"))
   return request.param, model, str(root / "sj")
 

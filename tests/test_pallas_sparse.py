@@ -10,16 +10,17 @@ import os
 
 import numpy as np
 import pytest
+from conftest import seed_of
 
 import jax
 import jax.numpy as jnp
 
-from sea_jax.sea import block_map as bm_lib
+from sea_jax.ops import block_map as bm_lib
 from pallas_kernels import gpu as gpu_lib
 from pallas_kernels import BlockSizes, build_block_map, sparse_attention
 from pallas_kernels.sparse_attention import resolve_backend
 
-SEED = int(os.environ.get("SEA_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
+SEED = seed_of("test_pallas_sparse")
 print(f"test_pallas_sparse seed: {SEED}")
 # (forward, gradient) relative tolerances. bf16 gradients: P and dS are rounded to bf16
 # (2^-8 relative) before the dq/dk/dv matmuls, as in flash attention, and dS = P (dP - delta)
@@ -168,7 +169,7 @@ def test_block_map_empty_and_full():
 
 
 def test_bin_index_matches_spec():
-  from sea_jax.sea.bins import bin_index
+  from sea_jax.ops.bins import bin_index
   for T, K in [(40, 8), (100, 16), (300, 256)]:
     t = jnp.arange(T)[:, None]
     s = jnp.arange(T)[None, :]
@@ -329,11 +330,11 @@ class TestSparseAttentionKernel:
       assert got.dtype == dtype
       assert_close(got, ref, gtol, name)
     try:
-      from sea_jax.sea import sparse_attention as xla_sparse_attention
+      from sea_jax.ops import sparse_attention as xla_sparse_attention
     except ImportError as e:
-      pytest.skip(f"sea_jax.sea.sparse_attention not importable ({e}); NumPy check passed")
+      pytest.skip(f"sea_jax.ops.sparse_attention not importable ({e}); NumPy check passed")
     other = xla_sparse_attention(q, k, v, cm, query_block=32)
-    assert_close(out, other, ftol if dtype == FP32 else 2e-2, "vs sea_jax.sea.sparse_attention")
+    assert_close(out, other, ftol if dtype == FP32 else 2e-2, "vs sea_jax.ops.sparse_attention")
 
   def test_nothing_kept(self):
     rng = _rng(4)

@@ -13,12 +13,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from conftest import test_seed  # noqa: E402
 import pytest  # noqa: E402
 from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 
 from pallas_kernels import tpu  # noqa: E402
-from sea_jax.sea.block_map import build_block_map  # noqa: E402
-from sea_jax.sea.bins import bin_index  # noqa: E402
+from sea_jax.ops.block_map import build_block_map  # noqa: E402
+from sea_jax.ops.bins import bin_index  # noqa: E402
 
 # Unwritten VMEM starts as NaN, so an output block the kernel never stores shows up.
 try:
@@ -28,8 +29,7 @@ except TypeError:  # field renamed in a later JAX
 
 
 def _seed():
-  env = os.environ.get("SEA_TEST_SEED")
-  return int(env) if env else int(np.random.SeedSequence().entropy % (2**31))
+  return test_seed()
 
 
 # ------------------------------------------------------------------------------ oracle

@@ -11,9 +11,11 @@ import pytest
 from flax import nnx
 
 from test_sea_pieces import make_rng, random_probs, randomize_params, ref_expand, rel_err
-from sea_jax.attention import AttentionShape, LayerKV
+from sea_jax.attention import LayerKV
+from sea_jax.config import AttentionShape
 from sea_jax.config import SEAConfig
-from sea_jax.sea import SEAAttention, expand_mask, grouped_topk_mask, sparse_attention_reference
+from sea_jax.ops import expand_mask, sparse_attention_reference
+from sea_jax.sea import SEAAttention, grouped_topk_mask
 from sea_jax.sea.decode import attend_kept, kept_key_bound, kept_pairs, to_left_padding, \
     to_right_padding
 from sea_jax.sea.estimator import HISTORY_ROWS, MaskCNN, history_at

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sea_jax.attention import AttentionShape, make_attention_core
+from sea_jax.attention import make_attention_core
+from sea_jax.config import AttentionShape
 from sea_jax.config import ConfigError, OPTConfig, SEAConfig
 from sea_jax.sea import PerformerAttention, RandomFeatures, SEAAttention, sparse_dispatch
 
@@ -179,22 +180,17 @@ def test_gradients_match_finite_differences():
 
   Unit-norm random directions, Richardson-extrapolated differences at eps and eps/2. The shared
   LayerNorm keeps fp32 statistics, so agreement is ~1e-4 (relative, or of the gradient's norm
-  for near-orthogonal directions), not fp64-exact. Directions that would flip the
-  (non-differentiable) top-k mask, or cross a ReLU kink (the autodiff slopes at +-eps do not
-  average to the slope at x0), are redrawn; three directions per input, two must agree.
-  Inputs with a near-tie (one top-k cell within a step of its row's threshold, seed
-  3708405002, or one Performer feature of k 1.3e-4 from its ReLU kink, seed 1345206267: almost
-  every direction flips the mask or crosses the kink) are redrawn, at most twice.
+  for near-orthogonal directions), not fp64-exact. The gradient is that of the function on one
+  side of its non-differentiable points, so a direction along which the top-k mask changes, or
+  a ReLU kink lies within eps (the autodiff slopes at +-eps then no longer average to the one at
+  x0), measures something else: such directions are not used (`_finite_difference_pairs`).
+  The input is drawn from the test's own seed, the same on every run; three directions per
+  input are checked and two must agree (a wrong gradient fails all of them).
   """
   rng, seed = make_rng()
-  for attempt in range(3):
-    pairs = _finite_difference_pairs(seed + attempt, rng)
-    if pairs is not None:
-      break
-  assert pairs is not None, f"seed={seed}: every draw had a near-tie flipping the mask"
+  pairs = _finite_difference_pairs(seed, rng)
+  assert pairs is not None, f"seed={seed}: no three mask-preserving smooth directions"
   for name, (checked, scale) in pairs.items():
-    # A wrong gradient fails every direction; a ReLU kink (Performer features, estimator)
-    # inside [-eps, eps] of one random direction can spoil that one only: 2 of 3 must agree.
     good = [abs(fd - g) <= 3e-3 * abs(g) + 1e-4 * scale for fd, g in checked]
     assert sum(good) >= 2, f"seed={seed}: d/d{name}: (finite difference, gradient) {checked}"
 

@@ -12,22 +12,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import test_seed
 from flax import nnx
 
-from sea_jax.sea import (adaptive_avg_pool_matrix, bin_bounds, bin_index, causal_linear_attention,
-                         Estimator, expand_mask, grouped_topk_mask, masked_bin_softmax,
-                         nonempty_bins,
-                         num_random_features, orthogonal_random_features, relu_features,
-                         row_budget, sparse_attention, sparse_attention_reference,
-                         tile_ladder)
-from sea_jax.sea.sparse import causal_visited_tiles
+from sea_jax.ops import (bin_bounds, bin_index, expand_mask, nonempty_bins, sparse_attention,
+                         sparse_attention_reference, tile_ladder)
+from sea_jax.ops.sparse import causal_visited_tiles
+from sea_jax.sea import (Estimator, adaptive_avg_pool_matrix, causal_linear_attention,
+                         grouped_topk_mask, masked_bin_softmax, num_random_features,
+                         orthogonal_random_features, relu_features, row_budget)
 from sea_jax.sea.topk import static_row_budget
 
 # --- helpers ---------------------------------------------------------------------------------
 
 
 def make_rng():
-  seed = int(np.random.SeedSequence().entropy % 2**32)
+  """(generator, seed): the seed from the running test's name (`conftest.test_seed`)."""
+  seed = test_seed()
   return np.random.default_rng(seed), seed
 
 
@@ -534,7 +535,7 @@ def test_estimator_matches_reference(N, H, T, d, K):
 
 def test_sparse_attention_gradients_stay_finite_when_dropped_scores_dwarf_kept_ones():
   """Scores of dropped keys far above the kept ones must not overflow into NaN gradients."""
-  from sea_jax.sea import sparse_attention as sparse
+  from sea_jax.ops import sparse_attention as sparse
   T, d, K = 16, 4, 4
   k = jnp.zeros((1, 1, T, d)).at[..., 0].set(jnp.arange(T, dtype=jnp.float32))
   q = jnp.zeros((1, 1, T, d)).at[..., 0].set(200.0)  # score = 200 s: later keys dominate

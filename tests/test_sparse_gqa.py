@@ -22,8 +22,7 @@ from pallas_kernels import BlockSizes, build_block_map
 from pallas_kernels import gpu as gpu_lib
 from pallas_kernels import sparse_attention as pallas_sparse_attention
 from pallas_kernels import tpu as tpu_lib
-from pallas_kernels.sparse_attention import sparse_attention_reference as pallas_dense_reference
-from sea_jax.sea.sparse import sparse_attention, sparse_attention_reference
+from sea_jax.ops.sparse import sparse_attention, sparse_attention_reference
 from sea_jax.sea.topk import grouped_topk_mask
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -181,13 +180,6 @@ def test_xla_ops_bf16_forward(G):
     assert rel_err(got, want) <= 2e-2, f"seed={seed} op={op} G={G}: {rel_err(got, want):.2e}"
 
 
-def test_pallas_dense_reference_gqa():
-  rng, seed = make_rng()
-  q, k, v, cm, w = make_inputs(rng, 1, 2, 40, 16, 8, "random")
-  want = np_gqa_attention(q, k, v, cm, w)[0]
-  assert rel_err(pallas_dense_reference(q, k, v, cm), want) <= 1e-5, f"seed={seed}"
-
-
 # --- shape checks ----------------------------------------------------------------------------
 
 
@@ -205,10 +197,9 @@ def _bad_shapes():
   ]
 
 
-@pytest.mark.parametrize("op", ["tiles", "reference", "pallas", "pallas_reference"])
+@pytest.mark.parametrize("op", ["tiles", "reference", "pallas"])
 def test_shape_errors_name_the_shapes(op):
-  fn = {"pallas": lambda *a: pallas_sparse_attention(*a, interpret=True),
-        "pallas_reference": pallas_dense_reference, **XLA_OPS}[op]
+  fn = {"pallas": lambda *a: pallas_sparse_attention(*a, interpret=True), **XLA_OPS}[op]
   q, cm, cases = _bad_shapes()
   for k, v, pattern in cases:
     with pytest.raises(ValueError, match=pattern):

@@ -49,7 +49,8 @@ def _check_png(path):
 
 def test_upsample_estimate_rows_sum_to_one():
   import jax
-  from sea_jax.sea import bin_bounds, masked_bin_softmax
+  from sea_jax.ops import bin_bounds
+  from sea_jax.sea import masked_bin_softmax
   from sea_jax.visualize import upsample_estimate
   T, K = 37, 8  # rows with t+1 < K (empty bins) and t+1 >= K (uneven bins)
   est = np.asarray(masked_bin_softmax(jax.random.normal(jax.random.key(0), (2, 3, T, K))))
@@ -71,7 +72,7 @@ def test_upsample_estimate_rows_sum_to_one():
 
 
 def test_maps_and_render_in_process(run, tmp_path):
-  from sea_jax.sea import expand_mask
+  from sea_jax.ops import expand_mask
   from sea_jax.visualize import render
   _, ids, maps = run
   T = ids.size

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sea_jax.sea.bins import row_bounds
+from sea_jax.ops.bins import row_bounds
 from sea_jax.sea.topk import static_row_budget
 
 

@@ -12,20 +12,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sea_jax.attention import AttentionShape, repeat_kv
-from sea_jax.blocked_attention import blocked_attention
-from sea_jax.config import ConfigError
+from pallas_kernels import sparse_attention as pallas_sparse_attention
+from sea_jax.config import AttentionShape, ConfigError
 from sea_jax.layers import normal_init, param
-from sea_jax.sharding import per_shard
-from sea_jax.sea.bins import nonempty_bins
+from sea_jax.ops.bins import nonempty_bins
+from sea_jax.ops.blocked_attention import blocked_attention
+from sea_jax.ops.dense import repeat_kv
+from sea_jax.ops.sparse import sparse_attention
 from sea_jax.sea.decode import (PerformerState, SEAState, attend_kept, kept_key_bound,
                                 to_left_padding, to_right_padding)
 from sea_jax.sea.estimator import HISTORY_ROWS, Estimator, history_at
 from sea_jax.sea.performer import (causal_linear_attention, linear_attention_state,
                                    linear_attention_step, num_random_features,
                                    orthogonal_random_features, relu_features)
-from sea_jax.sea.sparse import sparse_attention
 from sea_jax.sea.topk import check_k, grouped_topk_mask, grouped_topk_row
+from sea_jax.sharding import per_shard
+
 
 class RandomFeatures(nnx.Variable):
   """Fixed (m, d) orthogonal random features: checkpointed, never trained (not an nnx.Param)."""
@@ -35,15 +37,6 @@ def _random_features(rngs: nnx.Rngs, head_dim: int, nbf: float) -> RandomFeature
   m = num_random_features(head_dim, nbf)
   W = orthogonal_random_features(rngs.params(), m, head_dim)
   return RandomFeatures(W, out_sharding=(None, "head_dim"), eager_sharding=False)
-
-
-def _pallas_sparse(q, k, v, compressed_mask):
-  try:
-    from pallas_kernels import sparse_attention as pallas_sparse_attention
-  except ImportError as e:
-    raise ConfigError(f"sparse_impl='pallas' needs the pallas_kernels package, which failed "
-                      f"to import: {e}") from e
-  return pallas_sparse_attention(q, k, v, compressed_mask)
 
 
 # On CPU the tile list's per-tile scan costs more than it saves below this many query blocks:
@@ -73,7 +66,7 @@ def sparse_dispatch(impl: str, q, k, v, compressed_mask, *, query_block: int):
   elif impl == "blocked":
     fn = lambda q, k, v, cm: blocked_attention(q, k, v, compressed_mask=cm)  # noqa: E731
   elif impl == "pallas":
-    fn = _pallas_sparse
+    fn = pallas_sparse_attention
   else:
     raise ConfigError(f"unknown sparse_impl {impl!r}; choose 'auto', 'xla', 'blocked' or "
                       "'pallas'")

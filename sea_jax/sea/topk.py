@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sea_jax.sea.bins import bin_index, nonempty_bins, row_bounds
+from sea_jax.ops.bins import bin_index, nonempty_bins, row_bounds
 
 
 def check_k(k) -> None:
@@ -140,18 +140,3 @@ def _keep_by_octave(score: jax.Array, budget: np.ndarray) -> jax.Array:
       parts.append((rows > thr) | ((rows == thr) & (cells <= cell_thr)))
     start = stop
   return jnp.concatenate(parts, axis=1)
-
-
-def expand_mask(compressed_mask: jax.Array, T: int) -> jax.Array:
-  """Dense mask (N,H,T,T) bool: M[t,s] = M̂[t, bin_t(s)] for s <= t, else False.
-
-  O(T²) memory: for tests and pictures only.
-  """
-  K = compressed_mask.shape[-1]
-  t = jnp.arange(T, dtype=jnp.int32)[:, None]
-  s = jnp.arange(T, dtype=jnp.int32)[None, :]
-  bins = jnp.clip(bin_index(t, s, K), 0, K - 1)
-  lead = compressed_mask.shape[:-2]
-  idx = jnp.broadcast_to(bins, (*lead, T, T))
-  dense = jnp.take_along_axis(compressed_mask[..., :T, :], idx, axis=-1)
-  return dense & (s <= t)

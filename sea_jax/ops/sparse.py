@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sea_jax.blocked_attention import blocked_attention, expand_rows
-from sea_jax.sea.bins import bin_index
-from sea_jax.sea.block_map import visited_tiles
+from sea_jax.ops.blocked_attention import blocked_attention, expand_rows
+from sea_jax.ops.bins import bin_index
+from sea_jax.ops.block_map import visited_tiles
 
 
 def check_shapes(q, k, v, compressed_mask) -> int:
@@ -317,3 +317,17 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, compressed_mask: 
     out = jax.lax.switch(rung, branches, q, k, v, compressed_mask, visited)
   return out[:, :, :T].astype(v.dtype)
 
+
+def expand_mask(compressed_mask: jax.Array, T: int) -> jax.Array:
+  """Dense mask (N,H,T,T) bool: M[t,s] = M̂[t, bin_t(s)] for s <= t, else False.
+
+  O(T²) memory: for tests and pictures only.
+  """
+  K = compressed_mask.shape[-1]
+  t = jnp.arange(T, dtype=jnp.int32)[:, None]
+  s = jnp.arange(T, dtype=jnp.int32)[None, :]
+  bins = jnp.clip(bin_index(t, s, K), 0, K - 1)
+  lead = compressed_mask.shape[:-2]
+  idx = jnp.broadcast_to(bins, (*lead, T, T))
+  dense = jnp.take_along_axis(compressed_mask[..., :T, :], idx, axis=-1)
+  return dense & (s <= t)

@@ -1,6 +1,6 @@
 """Block map and tile index math for SEA sparse attention (shared by every kernel backend).
 
-Shared by the XLA block-sparse path (sea_jax.sea.sparse) and the Pallas kernels, jit-able:
+Shared by the XLA block-sparse path (sea_jax.ops.sparse) and the Pallas kernels, jit-able:
 from the compressed mask (N, H, T, K) find, per (n, h) and query block, which key blocks hold
 any kept entry, in O(T*K) work plus block-level O(T^2 / (block_q * block_k)) arrays. Nothing
 T x T is built.
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sea_jax.sea.bins import bin_start
+from sea_jax.ops.bins import bin_start
 
 
 class BlockMap(NamedTuple):
@@ -130,7 +130,7 @@ def build_block_map(compressed_mask: jax.Array, *, block_q: int, block_k: int) -
 def bin_index_nonneg(t, s, K: int):
   """bin_t(s) = ((2s+1)K - 1) // (2(t+1)) with lax.div (t, s >= 0, so truncation == floor).
 
-  Same integer formula as sea_jax.sea.bins.bin_index, written without jnp.floor_divide's
+  Same integer formula as sea_jax.ops.bins.bin_index, written without jnp.floor_divide's
   sign fix-ups so it lowers in Triton.
   """
   return lax.div((2 * s + 1) * K - 1, 2 * (t + 1))

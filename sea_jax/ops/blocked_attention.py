@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sea_jax.sea.bins import bin_index
+from sea_jax.ops.bins import bin_index
 
 NEG = -1e30  # finite "-inf": masked scores, and the lse of a row that sees nothing
 SCORE_BYTES = 4 << 20  # a block's fp32 scores (all heads, head dim 32) aim at this size
