@@ -16,11 +16,19 @@ from sea_jax.errors import UserError
 ATTENTION_KINDS = ("dense", "sea", "performer")
 SPARSE_IMPLS = ("auto", "xla", "blocked", "pallas")
 DENSE_IMPLS = ("auto", "reference", "chunked", "cudnn", "splash")
+COMPUTE_DTYPES = ("float32", "bfloat16")  # what the commands offer (--dtype)
+PARAM_DTYPES = ("float32", "bfloat16", "float16")  # storage of parameters
 MAX_POSITION_ROWS = 8192  # default cap on the rows of SEA's position table P (SEAConfig)
 
 
 class ConfigError(UserError, ValueError):
   """A configuration that cannot describe a working model."""
+
+
+def check_sea_K(K: int) -> None:
+  """SEA's compressed width: a positive multiple of 4 (the estimator's rows are K/4 wide)."""
+  if K < 4 or K % 4:
+    raise ConfigError(f"SEA K must be a positive multiple of 4, got K={K}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +45,6 @@ class SEAConfig:
     CPU at short T),
     "pallas" (kernel) or "auto" (pallas on GPU/TPU; on CPU blocked below
     `sea.layer.AUTO_TILE_MIN_BLOCKS` query blocks, xla from there).
-  jitter: the reference's training-only key-rank noise (10% of calls); off by default.
   seed: seed of the fixed orthogonal random features and the fresh SEA parameters.
   position_rows: rows of the Performer branch's learned value table P (None = the model's
     max_position_embeddings, capped at MAX_POSITION_ROWS); with fewer rows than positions,
@@ -49,9 +56,20 @@ class SEAConfig:
   performer_chunk: int = 128
   query_block: int = 128
   sparse_impl: str = "auto"
-  jitter: bool = False
   seed: int = 0
   position_rows: int | None = None
+
+  LEGACY_KEYS = ("jitter",)  # saved by earlier versions, never read: ignored when loading
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "SEAConfig":
+    """The settings of a config.json "sea" block; an unknown key is a ConfigError."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names - set(cls.LEGACY_KEYS))
+    if unknown:
+      raise ConfigError(f"unknown SEA setting(s) {unknown} in config.json (known: "
+                        f"{sorted(names)})")
+    return cls(**{k: v for k, v in values.items() if k in names})
 
   def table_rows(self, max_positions: int) -> int:
     """Rows of P for a model of `max_positions` positions."""
@@ -59,8 +77,7 @@ class SEAConfig:
     return max(2, min(rows, max_positions)) if max_positions > 1 else 1
 
   def validate(self) -> None:
-    if self.K < 4 or self.K % 4:
-      raise ConfigError(f"SEA K must be a positive multiple of 4, got K={self.K}")
+    check_sea_K(self.K)
     if self.k < 1:
       raise ConfigError(f"SEA k must be >= 1, got k={self.k}")
     if self.sparse_impl not in SPARSE_IMPLS:
@@ -142,7 +159,7 @@ class RuntimeConfig:
     if self.attention not in ATTENTION_KINDS:
       raise ConfigError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
     for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+      if getattr(self, name) not in PARAM_DTYPES:
         raise ConfigError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
     if self.attention_layers is not None:
       bad = [i for i in self.attention_layers if not 0 <= i < self.num_hidden_layers]
@@ -177,7 +194,7 @@ class RuntimeConfig:
     if extra.get("attention_layers") is not None:
       kwargs["attention_layers"] = tuple(extra["attention_layers"])
     if "sea" in extra:
-      kwargs["sea"] = SEAConfig(**extra["sea"])
+      kwargs["sea"] = SEAConfig.from_dict(extra["sea"])
     return kwargs
 
 

@@ -21,8 +21,9 @@ import sys
 import numpy as np
 
 from sea_jax import checkpoint
-from sea_jax.config import SEAConfig, load_config
+from sea_jax.config import PARAM_DTYPES, SEAConfig, load_config
 from sea_jax.errors import add_debug_flag, run_command
+from sea_jax.flags import add_model_flags, check_model_flags
 from sea_jax.families import name_table
 from sea_jax.gguf_io import KNOWN_GGUF
 from sea_jax.hf_io import ConvertError, copy_tokenizer, write_hf_weights
@@ -111,17 +112,21 @@ def main(argv: list[str] | None = None) -> int:
                                   "model folder")
   parser.add_argument("dst", help="output folder")
   parser.add_argument("--to-hf", action="store_true", help="convert a sea-jax folder back to HF")
-  parser.add_argument("--attention", default="dense", choices=("dense", "sea", "performer"),
-                      help="attention of the written model; sea/performer add fresh, seeded modules")
-  parser.add_argument("--sea-K", type=int, default=256, help="SEA compressed width K (multiple of 4)")
-  parser.add_argument("--sea-k", type=int, default=64, help="SEA default keys per query per head")
+  add_model_flags(parser, "attention", "sea_K", "sea_k",
+                  attention=dict(default="dense", help="attention of the written model; "
+                                 "sea/performer add fresh, seeded modules (default dense)"),
+                  sea_K=dict(default=256, help="SEA compressed width K, a positive multiple "
+                             "of 4 (default 256)"),
+                  sea_k=dict(default=64, help="SEA default keys per query per head (default "
+                             "64)"))
   parser.add_argument("--seed", type=int, default=0, help="seed of the fresh SEA parameters")
-  parser.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+  parser.add_argument("--param-dtype", default="float32", choices=PARAM_DTYPES,
                       help="storage dtype of the converted parameters")
   add_debug_flag(parser)
   args = parser.parse_args(argv)
 
   def body() -> int:
+    check_model_flags(args)
     src_local = args.src if os.path.exists(args.src) else None
     need = folder_bytes(src_local) if src_local and os.path.isdir(src_local) else 0
     check_destination(args.dst, [src_local], "destination", min_free_bytes=need)

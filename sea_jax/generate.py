@@ -49,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sea_jax import sharding as shd
 from sea_jax.attention import KVCache
 from sea_jax.errors import UserError, add_debug_flag, run_command
+from sea_jax.flags import add_model_flags, check_model_flags, model_overrides
 
 TRACES: collections.Counter = collections.Counter()  # traces of each jitted step (tests)
 
@@ -181,7 +182,7 @@ def _pad_id(config) -> int:
 def _batch(prompts, mesh: Mesh | None) -> list[list[int]]:
   """The prompts, the last repeated until the batch divides the mesh's data x fsdp size."""
   rows = [list(map(int, p)) for p in prompts]
-  per_step = 1 if mesh is None else math.prod(mesh.shape[a] for a in shd.BATCH_AXES)
+  per_step = 1 if mesh is None else shd.batch_shards(mesh)
   return rows + [rows[-1]] * (-len(rows) % per_step)
 
 
@@ -308,44 +309,36 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--top-p", type=float, default=1.0,
                  help="nucleus mass kept when sampling, in (0, 1] (default: %(default)s)")
   p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: %(default)s)")
-  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                 help="compute dtype (default: the model's)")
-  p.add_argument("--attention", default=None, choices=("dense", "sea", "performer"),
-                 help="attention (default: the model's; sea/performer on a dense model add "
-                      "fresh, untrained modules)")
-  p.add_argument("--sea-k", type=int, default=None,
-                 help="SEA keys per query per head (default: the model's k)")
-  p.add_argument("--mesh", default=None,
-                 help="device mesh, e.g. data=2 or data=2,tensor=2: the model's parameters and "
-                      "the cache are sharded by the logical-axis table (default: one device)")
+  add_model_flags(p, "attention", "sea_k", "dtype", "mesh",
+                  dtype=dict(help="compute dtype (default: the model's)"),
+                  mesh=dict(help="device mesh, e.g. data=2 or data=2,tensor=2: the model's "
+                                 "parameters and the cache are sharded by the logical-axis "
+                                 "table (default: one device)"))
   add_debug_flag(p)
   return p
 
 
-def _overrides(args) -> dict:
-  return {k: v for k, v in (("dtype", args.dtype), ("attention", args.attention)) if v}
 
 
 def _run(args) -> int:
   from sea_jax import checkpoint, data
   from sea_jax.evaluate import host_peak_rss, peak_device_memory
   check_settings(args.max_new_tokens, args.temperature, args.top_p)
-  if args.sea_k is not None and args.sea_k < 1:
-    raise GenerateError(f"--sea-k must be >= 1, got {args.sea_k}")
+  check_model_flags(args)
   if args.prompt is not None:
     text = args.prompt
   else:
     text = data.read_text_file(args.prompt_file, "--prompt-file")
   if not text:
     raise GenerateError("the prompt is empty")
-  config = checkpoint.apply_overrides(checkpoint.stored_config(args.model), **_overrides(args))
+  config = checkpoint.apply_overrides(checkpoint.stored_config(args.model), **model_overrides(args))
   tokenizer = checkpoint.model_tokenizer(args.model)
   prompt = [int(t) for t in tokenizer(text)["input_ids"]]
   check_prompts([prompt], config, args.max_new_tokens)  # before any weight is read
   if config.attention != "sea" and args.sea_k is not None:
     print(f"note: --sea-k has no effect on {config.attention} attention", file=sys.stderr)
   mesh = shd.make_mesh(args.mesh) if args.mesh else None
-  model = checkpoint.load_pretrained(args.model, mesh, **_overrides(args))
+  model = checkpoint.load_pretrained(args.model, mesh, **model_overrides(args))
   shown = _TextStream(tokenizer)
   new, decode_s, prefill_s, stop = [], 0.0, 0.0, "length"
   for step in stream(model, [prompt], max_new_tokens=args.max_new_tokens,

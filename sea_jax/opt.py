@@ -21,7 +21,6 @@ from sea_jax.layers import LayerNorm, Linear, normal_init, param
 POSITION_OFFSET = 2  # OPT's learned position table has two extra leading rows
 
 
-OPTOutput = CausalLMOutput  # the output record every family shares (sea_jax.decoder)
 
 
 class OPTAttention(nnx.Module):
@@ -96,7 +95,7 @@ class OPTDecoderLayer(nnx.Module):
 
 
 class OPTForCausalLM(nnx.Module):
-  """OPT with its tied LM head: input_ids (N,T) -> OPTOutput(logits (N,T,V), ...)."""
+  """OPT with its tied LM head: input_ids (N,T) -> CausalLMOutput(logits (N,T,V), ...)."""
 
   def __init__(self, config: OPTConfig, *, rngs: nnx.Rngs):
     config.validate()
@@ -122,7 +121,7 @@ class OPTForCausalLM(nnx.Module):
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                sea_k: int | None = None, dropout_rng: jax.Array | None = None,
                output_hidden_states: bool = False, return_attn_aux: bool = False,
-               cache: KVCache | None = None) -> OPTOutput | tuple[OPTOutput, KVCache]:
+               cache: KVCache | None = None) -> CausalLMOutput | tuple[CausalLMOutput, KVCache]:
     """input_ids (N,T) int; attention_mask (N,T), 1 for real tokens (None = all real).
 
     dropout_rng: a PRNG key turns dropout on (training); None is deterministic.
@@ -173,7 +172,7 @@ class OPTForCausalLM(nnx.Module):
       if output_hidden_states:
         hidden.append(h)
       logits = lm_logits(h, self.embed_tokens[...], dt)
-    out = OPTOutput(logits=logits,
+    out = CausalLMOutput(logits=logits,
                     hidden_states=tuple(hidden) if output_hidden_states else None,
                     attn_aux=tuple(auxes) if return_attn_aux else None)
     return out if cache is None else (out, cache)

@@ -83,6 +83,11 @@ def make_mesh(spec: str | None = None, devices: Sequence[jax.Device] | None = No
   return Mesh(grid, MESH_AXES)
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways a batch splits on `mesh` (data x fsdp): batches are multiples of it."""
+  return _mesh_axis_size(mesh, BATCH_AXES)
+
+
 def _mesh_axis_size(mesh: Mesh, axis: str | tuple[str, ...] | None) -> int:
   if axis is None:
     return 1

@@ -32,6 +32,7 @@ import warnings
 import numpy as np
 
 from sea_jax.errors import UserError, add_debug_flag, run_command
+from sea_jax.flags import add_model_flags, check_model_flags
 
 MAX_TOKENS_CAP = 1024
 KINDS = ("teacher", "estimate", "mask", "overlap")
@@ -279,17 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--heads", metavar="H,H",
                  help="comma list of heads, e.g. 0,1 (default: head 0 and the head with the most "
                       "kept cells, per layer)")
-  p.add_argument("--sea-k", type=int, metavar="k",
-                 help="SEA keys per query per head (default: the model's k)")
   p.add_argument("--max-tokens", type=int, default=256, metavar="N",
                  help=f"truncate the text to this many tokens (default 256, at most "
                       f"{MAX_TOKENS_CAP})")
-  p.add_argument("--attention", choices=("sea",),
-                 help="give a dense checkpoint fresh, UNTRAINED SEA modules (pictures of an "
-                      "undistilled estimator)")
-  p.add_argument("--sea-K", type=int, metavar="K",
-                 help="SEA compressed width K for --attention sea on a dense checkpoint "
-                      "(default: the config's, 256)")
+  add_model_flags(p, "attention", "sea_k", "sea_K",
+                  attention=dict(choices=("sea",), help="give a dense checkpoint fresh, "
+                                 "UNTRAINED SEA modules (pictures of an undistilled estimator)"))
   p.add_argument("--save-arrays", action="store_true",
                  help="also save each picture's array as .npy beside the PNG")
   add_debug_flag(p)
@@ -351,8 +347,7 @@ def _plan(args):
     check_writable_folder(args.out, "--out")
   except DestinationError as e:
     raise VisualizeError(str(e)) from None
-  if args.sea_k is not None and args.sea_k < 1:
-    raise VisualizeError(f"--sea-k must be >= 1, got {args.sea_k}")
+  check_model_flags(args)
   if not 1 <= args.max_tokens <= MAX_TOKENS_CAP:
     raise VisualizeError(f"--max-tokens must be in 1..{MAX_TOKENS_CAP} (this tool draws T×T "
                          f"maps), got {args.max_tokens}")

@@ -252,8 +252,8 @@ def test_reference_run_outputs(reference):
 def test_sigkill_after_save_resumes_bitwise(shared, reference, tmp_path):
   _, teacher, text, cache = shared
   out = tmp_path / "killed"
-  proc = ts.start_train(ts.distill_args(teacher, text, out, extra=["--debug-sleep", 2]),
-                        devices=8, cache_dir=cache)
+  proc = ts.start_train(ts.distill_args(teacher, text, out), devices=8, cache_dir=cache,
+                        pause=2)
   ts.wait_for(lambda: 2 in ts.checkpoint_steps(out), proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
@@ -290,7 +290,7 @@ def test_sigterm_saves_then_resume_matches(shared, reference, tmp_path):
   _, teacher, text, cache = shared
   out = tmp_path / "term"
   args = ts.distill_args(teacher, text, out, extra=["--save-every", 100])
-  proc = ts.start_train(args + ["--debug-sleep", 2], devices=8, cache_dir=cache)
+  proc = ts.start_train(args, devices=8, cache_dir=cache, pause=2)
   ts.wait_for(lambda: len(ts.read_metrics(out)) >= 1, proc)
   proc.send_signal(signal.SIGTERM)
   proc.wait(timeout=120)

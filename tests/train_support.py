@@ -51,8 +51,11 @@ def child_env(devices: int, cache_dir: pathlib.Path | None = None) -> dict:
   return env
 
 
-def train_cmd(*args) -> list[str]:
-  return [sys.executable, str(REPO / "train.py"), "--no-progress", *map(str, args)]
+def train_cmd(*args, pause: float = 0.0) -> list[str]:
+  """train.py's command line; pause > 0: a pause after every step (tests/slow_train.py)."""
+  script = ([str(REPO / "tests" / "slow_train.py"), str(pause)] if pause
+            else [str(REPO / "train.py")])
+  return [sys.executable, *script, "--no-progress", *map(str, args)]
 
 
 def run_train(args, *, devices: int = 1, cache_dir=None, timeout: float = 600,
@@ -64,8 +67,9 @@ def run_train(args, *, devices: int = 1, cache_dir=None, timeout: float = 600,
   return proc
 
 
-def start_train(args, *, devices: int = 1, cache_dir=None) -> subprocess.Popen:
-  return subprocess.Popen(train_cmd(*args), cwd=REPO, env=child_env(devices, cache_dir),
+def start_train(args, *, devices: int = 1, cache_dir=None, pause: float = 0.0
+                ) -> subprocess.Popen:
+  return subprocess.Popen(train_cmd(*args, pause=pause), cwd=REPO, env=child_env(devices, cache_dir),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

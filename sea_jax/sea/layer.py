@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from pallas_kernels import sparse_attention as pallas_sparse_attention
-from sea_jax.config import AttentionShape, ConfigError
+from sea_jax.config import AttentionShape, ConfigError, check_sea_K
 from sea_jax.layers import normal_init, param
 from sea_jax.ops.bins import nonempty_bins
 from sea_jax.ops.blocked_attention import blocked_attention
@@ -165,8 +165,7 @@ class SEAAttention(nnx.Module):
                k: int = 64, nbf: float = 8.0, performer_chunk: int = 128,
                query_block: int = 128, sparse_impl: str = "xla", dtype=jnp.float32,
                param_dtype=jnp.float32, position_rows: int | None = None, rngs: nnx.Rngs):
-    if K < 4 or K % 4:
-      raise ConfigError(f"SEA K must be a positive multiple of 4, got K={K}")
+    check_sea_K(K)
     check_k(k)
     rows = max_positions if position_rows is None else min(position_rows, max_positions)
     self.positions = param(rngs, normal_init(1.0), (rows, head_dim),

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from sea_jax.config import DENSE_IMPLS, SPARSE_IMPLS
 from sea_jax.errors import add_debug_flag
+from sea_jax.flags import FlagError, add_model_flags, check_model_flags
 from sea_jax.training.settings import TrainError, config_file
 from sea_jax.training.step import MODES
 
@@ -63,35 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
                  help="distill: train only the SEA modules (estimator, gates, position table) "
                       "on the frozen pretrained weights; the optimizer holds nothing else "
                       "(default: train every weight, as the paper)")
-  g.add_argument("--attention", choices=("sea", "performer"), default="sea",
-                 help="distill: the student's attention; performer is the paper's linear "
-                      "baseline (default sea)")
-  g.add_argument("--sea-k", type=int, help="SEA keys per query per head (default: the "
-                                           "checkpoint's, 64)")
+  add_model_flags(
+      g, "attention", "sea_k", "sea_K", "sea_position_rows", "sparse_impl", "dense_impl",
+      "dtype",
+      attention=dict(choices=("sea", "performer"), default="sea",
+                     help="distill: the student's attention; performer is the paper's linear "
+                          "baseline (default sea)"),
+      dtype=dict(default="float32", help="compute dtype; parameters and optimizer state stay "
+                                         "float32 (default float32)"))
   g.add_argument("--sea-k-train", metavar="LO,HI",
                  help="dynamic-k training: draw SEA's k for each update log-uniformly from "
                       "[LO, HI] (the student still evaluates at --sea-k by default; default: "
                       "train at --sea-k only, as the paper)")
-  g.add_argument("--sea-K", type=int, help="SEA compressed width, a multiple of 4 (default: "
-                                           "the checkpoint's, 256)")
-  g.add_argument("--sea-position-rows", type=int,
-                 help="rows of each SEA layer's learned position table P; fewer rows than the "
-                      "model's positions are read by linear interpolation (default: the "
-                      "checkpoint's, else the positions capped at 8192)")
-  g.add_argument("--sparse-impl", choices=SPARSE_IMPLS,
-                 help="SEA sparse attention: xla (tile list), blocked (each query block "
-                      "over the keys it can see), pallas; default auto: pallas on GPU/TPU, on "
-                      "CPU blocked below 16 query blocks, xla from there")
-  g.add_argument("--dense-impl", choices=DENSE_IMPLS,
-                 help="dense attention (teacher and dense layers): T x T reference, chunked "
-                      "(one query block at a time over the keys it can see), cuDNN (GPU), "
-                      "splash (TPU); default auto: cuDNN on GPU in bf16, splash on TPU, else "
-                      "chunked")
   g.add_argument("--dropout", type=float, default=0.1,
                  help="dropout in the trained model (default 0.1; the teacher has none)")
-  g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                 help="compute dtype; parameters and optimizer state stay float32 (default "
-                      "float32)")
   g.add_argument("--remat", action="store_true", help="rematerialise each decoder layer in "
                                                       "the backward pass (less memory)")
 
@@ -125,8 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default 0.01)")
 
   g = p.add_argument_group("devices and checkpoints")
-  g.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2 (default: every "
-                                "device on data)")
+  add_model_flags(g, "mesh")
   g.add_argument("--save-every", type=int, default=500, help="checkpoint period in steps "
                                                              "(default 500)")
   g.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
@@ -137,7 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--process-id", type=int, help="multi-host: this process's index")
   g.add_argument("--distributed", action="store_true",
                  help="start jax.distributed with the cluster's auto-detection (TPU, SLURM)")
-  g.add_argument("--debug-sleep", type=float, default=0.0, help=argparse.SUPPRESS)
   add_debug_flag(g)
   return p
 
@@ -152,12 +135,10 @@ def check_flags(args: argparse.Namespace) -> None:
     raise TrainError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
   if args.micro_batch_size is not None and args.micro_batch_size < 1:
     raise TrainError(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
-  if args.sea_K is not None and (args.sea_K < 4 or args.sea_K % 4):
-    raise TrainError(f"--sea-K must be a positive multiple of 4, got {args.sea_K}")
-  if args.sea_position_rows is not None and args.sea_position_rows < 2:
-    raise TrainError(f"--sea-position-rows must be >= 2, got {args.sea_position_rows}")
-  if args.sea_k is not None and args.sea_k < 1:
-    raise TrainError(f"--sea-k must be >= 1, got {args.sea_k}")
+  try:
+    check_model_flags(args)
+  except FlagError as e:
+    raise TrainError(str(e)) from None
   args.sea_k_range = parse_k_range(args.sea_k_train)
   if args.sea_k_range is not None and (args.mode == "pretrain" or args.attention != "sea"):
     raise TrainError("--sea-k-train applies to distilling a SEA student only")

@@ -16,6 +16,7 @@ from sea_jax import data as data_lib
 from sea_jax import sharding as shd
 from sea_jax.checkpoint import apply_overrides, stored_config
 from sea_jax.config import ConfigError, ModelConfig
+from sea_jax.flags import model_overrides
 from sea_jax.training import distributed, models, optimizer
 from sea_jax.training.checkpointing import StopFlag, TrainCheckpointer
 from sea_jax.training.settings import (TrainError, batch_layout, check_same_essentials,
@@ -40,22 +41,18 @@ class Plan:
 
 def make_plan(args: argparse.Namespace, mesh_shape: dict[str, int]) -> Plan:
   """Resolves configs and checks them against the flags (no weights read)."""
-  common = dict(dtype=args.dtype, param_dtype="float32", dropout=args.dropout,
-                remat=args.remat, sea_seed=args.seed)
-  if args.sparse_impl:
-    common["sea_sparse_impl"] = args.sparse_impl
-  dense_impl = {"dense_impl": args.dense_impl} if getattr(args, "dense_impl", None) else {}
-  common.update(dense_impl)
+  flag_overrides = model_overrides(args, skip=("attention",))  # dtype, impls, SEA shape
+  common = dict(param_dtype="float32", dropout=args.dropout, remat=args.remat,
+                sea_seed=args.seed, **flag_overrides)
   if args.mode in ("distill", "layerwise"):
     teacher_src = stored_config(args.teacher)
     init_path = args.init_from or args.teacher
     base = stored_config(init_path) if args.init_from else teacher_src
-    sea = {k: v for k, v in (("sea_K", args.sea_K), ("sea_k", args.sea_k),
-                             ("sea_position_rows", args.sea_position_rows)) if v is not None}
-    student = apply_overrides(base, attention=args.attention, **sea, **common)
-    teacher = apply_overrides(teacher_src, attention="dense", dtype=args.dtype,
-                              param_dtype="float32", dropout=0.0, remat=False,
-                              attention_layers=None, **dense_impl)
+    sea_k = {"sea_k": args.sea_k} if args.sea_k is not None else {}
+    student = apply_overrides(base, attention=args.attention, **sea_k, **common)
+    teacher_flags = {f: v for f, v in flag_overrides.items() if f in ("dtype", "dense_impl")}
+    teacher = apply_overrides(teacher_src, attention="dense", param_dtype="float32",
+                              dropout=0.0, remat=False, attention_layers=None, **teacher_flags)
     if (teacher.hidden_size, teacher.num_hidden_layers, teacher.num_attention_heads,
         teacher.vocab_size) != (student.hidden_size, student.num_hidden_layers,
                                 student.num_attention_heads, student.vocab_size):
@@ -335,8 +332,6 @@ class Runner:
           finish(pending)
           pending = None
           save(step)
-        if args.debug_sleep:
-          time.sleep(args.debug_sleep)
       if pending is not None:
         finish(pending)
         pending = None
