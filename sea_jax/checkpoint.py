@@ -282,8 +282,14 @@ def assemble(config, graphdef, abstract, restored: dict, missing: list[tuple],
 
 
 def apply_overrides(config, **overrides):
-  """Replaces config fields; keys "sea_<field>" replace fields of the SEA settings."""
+  """Replaces config fields; keys "sea_<field>" replace fields of the SEA settings. A K asked
+  for (sea_K) beyond the model's positions is a ConfigError: a row never has more keys to
+  compress, and the estimator's (K/4, K) pooling matrix grows as K squared."""
   sea = {k[len("sea_"):]: v for k, v in overrides.items() if k.startswith("sea_")}
+  positions = overrides.get("max_position_embeddings", config.max_position_embeddings)
+  if sea.get("K") is not None and sea["K"] > positions:
+    raise ConfigError(f"SEA K={sea['K']} exceeds the model's {positions} positions: a row has "
+                      "at most that many keys to compress")
   top = {k: v for k, v in overrides.items() if not k.startswith("sea_")}
   config = dataclasses.replace(config, **top)
   if sea:
@@ -350,6 +356,16 @@ def model_tokenizer(path: str):
   if gguf_path is not None:
     return gguf_io.GGUFModel(gguf_path).tokenizer()
   return data.load_tokenizer(None)
+
+
+def check_tokenizer_fits(tokenizer, config, path: str) -> None:
+  """A tokenizer whose ids run past the model's vocabulary cannot feed it: one ConfigError line
+  (a model folder without tokenizer files gets the bundled OPT tokenizer, 50,265 ids)."""
+  size = len(tokenizer)
+  if size > config.vocab_size:
+    raise ConfigError(f"the tokenizer of {path} has {size} tokens but the model's vocab_size is "
+                      f"{config.vocab_size}: tokenizer and model do not match (a folder without "
+                      "tokenizer files gets the bundled OPT tokenizer)")
 
 
 def read_source_params(source, config, put) -> dict:

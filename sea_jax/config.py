@@ -154,6 +154,11 @@ class RuntimeConfig:
     return "dense"
 
   def validate_runtime(self) -> None:
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "max_position_embeddings", "head_dim", "num_kv_heads"):
+      value = getattr(self, name, 1)
+      if not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if self.dense_impl not in DENSE_IMPLS:
       raise ConfigError(f"dense_impl must be one of {DENSE_IMPLS}, got {self.dense_impl!r}")
     if self.attention not in ATTENTION_KINDS:

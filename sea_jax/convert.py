@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
   add_model_flags(parser, "attention", "sea_K", "sea_k",
                   attention=dict(default="dense", help="attention of the written model; "
                                  "sea/performer add fresh, seeded modules (default dense)"),
-                  sea_K=dict(default=256, help="SEA compressed width K, a positive multiple "
-                             "of 4 (default 256)"),
+                  sea_K=dict(help="SEA compressed width K, a positive multiple of 4, at most "
+                             "the model's positions (default 256)"),
                   sea_k=dict(default=64, help="SEA default keys per query per head (default "
                              "64)"))
   parser.add_argument("--seed", type=int, default=0, help="seed of the fresh SEA parameters")
@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.to_hf:
       model_folder_to_hf(args.src, args.dst)
     else:
-      sea = SEAConfig(K=args.sea_K, k=args.sea_k, seed=args.seed)
+      if args.attention != "dense" and args.sea_K is not None:  # K within the positions
+        checkpoint.apply_overrides(checkpoint.stored_config(args.src), sea_K=args.sea_K)
+      sea = SEAConfig(K=args.sea_K or SEAConfig.K, k=args.sea_k, seed=args.seed)
       hf_to_model_folder(args.src, args.dst, attention=args.attention, sea=sea,
                          param_dtype=args.param_dtype)
     print(f"wrote {args.dst}", file=sys.stderr)

@@ -40,9 +40,9 @@ def describe_os_error(e: OSError) -> str:
             "space (or raise the limit) and re-run")
   if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
     return f"permission denied{where}: choose a folder you can write"
-  if e.errno == errno.ENOENT:
+  if e.errno == errno.ENOENT and where:
     return f"not found{where}"
-  return f"{e.strerror or one_line(e)}{where}"
+  return f"{e.strerror or one_line(e)}{where}"  # the OS's own words (e.g. no usable temp dir)
 
 
 _OS_CODE = re.compile(r"os_error_code='(\d+)'")

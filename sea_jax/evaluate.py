@@ -222,6 +222,7 @@ def _run_eval(args) -> int:
         print(f"note: --sea-k {k} >= --seq-len {seq_len}: every visible key is kept",
               file=sys.stderr)
     tokenizer = checkpoint.model_tokenizer(path)
+    checkpoint.check_tokenizer_fits(tokenizer, cfg, path)
     tok_name = data.tokenizer_name(tokenizer)
     for source, text_path in _sources(args):
       key = f"{data.tokenizer_fingerprint(tokenizer)}:{source}:{args.data_source}"

@@ -124,7 +124,7 @@ def check_model_flags(args: argparse.Namespace) -> None:
     value = getattr(args, name, None)
     if value is None or flag.check is None:
       continue
-    check = _k_list if name == "sea_k" and isinstance(value, str) else flag.check
+    check = _k_list if name == "sea_k" and isinstance(value, (str, list)) else flag.check
     message = check(value)
     if message:
       raise FlagError(message)

@@ -333,6 +333,7 @@ def _run(args) -> int:
     raise GenerateError("the prompt is empty")
   config = checkpoint.apply_overrides(checkpoint.stored_config(args.model), **model_overrides(args))
   tokenizer = checkpoint.model_tokenizer(args.model)
+  checkpoint.check_tokenizer_fits(tokenizer, config, args.model)
   prompt = [int(t) for t in tokenizer(text)["input_ids"]]
   check_prompts([prompt], config, args.max_new_tokens)  # before any weight is read
   if config.attention != "sea" and args.sea_k is not None:

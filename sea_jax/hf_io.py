@@ -260,7 +260,12 @@ def map_tensors(tensors: Iterator[tuple[str, np.ndarray]], names: NameTable, wan
 def write_hf_weights(flat: dict, names: NameTable, dst: str) -> int:
   """Writes `flat` {path: array} under HF names as safetensors (sharded above SHARD_BYTES, with
   an index) into `dst`; parameters without a HF name (SEA modules) are skipped: their count."""
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
+
+  def save_file(tensors, path, metadata):  # Python's write: a full disk is an OSError with errno
+    blob = save(tensors, metadata=metadata)
+    with open(path, "wb") as f:
+      f.write(blob)
   shards: list[dict[str, np.ndarray]] = [{}]
   size, skipped = 0, 0
   for path, value in flat.items():

@@ -89,6 +89,66 @@ def check_writable_folder(path: str | os.PathLike, what: str = "output folder") 
   return path
 
 
+OWNER_FILE = ".sea-jax-owner"  # names the command that writes into an output folder
+
+
+def claim_output_folder(path: str | os.PathLike, command: str, what: str = "--out",
+                        also_ours: tuple[str, ...] = ()) -> Path:
+  """`path` as `command`'s output folder: new, empty, or one `command` wrote before (its
+  OWNER_FILE, or for folders written before that file existed one of `also_ours`); a folder
+  holding anything else is refused (nothing the user made is overwritten). Writes the owner
+  file and returns the absolute path."""
+  path = check_writable_folder(path, what)
+  if path.is_dir():
+    entries = [e.name for e in path.iterdir()]
+    owner_file = path / OWNER_FILE
+    if owner_file.is_file():
+      owner = owner_file.read_text().strip()
+      if owner != command:
+        raise DestinationError(f"{what} {path} was written by {owner}, not {command}: choose "
+                               "another folder")
+    elif entries and not any(name in entries for name in also_ours):
+      raise DestinationError(f"{what} {path} already holds files {command} did not write "
+                             f"(e.g. {sorted(entries)[0]}): choose a new or empty folder")
+  path.mkdir(parents=True, exist_ok=True)
+  (path / OWNER_FILE).write_text(command + "\n")
+  return path
+
+
+class RunLock:
+  """One writer per run folder: an exclusive `flock` on FOLDER/.lock held for the process's
+  life (the OS drops it when the process dies, so a killed run's lock is simply taken over).
+  The file names the holder (pid, host, start time) for the refusal's message."""
+
+  def __init__(self, folder: str | os.PathLike, command: str):
+    self.path = Path(folder) / ".lock"
+    self.command = command
+    self._fd: int | None = None
+
+  def acquire(self) -> "RunLock":
+    import fcntl
+    import socket
+    import time
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+      os.close(fd)
+      raise DestinationError(f"{self.path.parent} is in use by {holder}; wait for it to end or "
+                             "choose another folder") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{self.command} (pid {os.getpid()} on {socket.gethostname()}, started "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing drops the flock; the file stays (naming the last holder)
+      self._fd = None
+
+
 def _alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)

@@ -304,6 +304,20 @@ def _int_list(text: str | None, flag: str) -> list[int] | None:
   return list(dict.fromkeys(values))
 
 
+VISUALIZE = "python -m sea_jax.visualize"
+
+
+def _check_out_is_ours(out: str) -> None:
+  """--out is new, empty or a folder this command wrote (its owner file): never the user's."""
+  from sea_jax.safe_write import OWNER_FILE, DestinationError
+  if not os.path.isdir(out) or not os.listdir(out):
+    return
+  owner = os.path.join(out, OWNER_FILE)
+  if not os.path.isfile(owner) or open(owner).read().strip() != VISUALIZE:
+    raise DestinationError(f"--out {os.path.abspath(out)} already holds files this command did "
+                           "not write: choose a new or empty folder")
+
+
 def _source_config(path: str):
   """The config stored at `path` (sea-jax model folder, HF folder or hub id), before overrides."""
   from sea_jax import checkpoint
@@ -345,6 +359,7 @@ def _plan(args):
   from sea_jax.safe_write import DestinationError, check_writable_folder
   try:
     check_writable_folder(args.out, "--out")
+    _check_out_is_ours(args.out)
   except DestinationError as e:
     raise VisualizeError(str(e)) from None
   check_model_flags(args)
@@ -416,6 +431,10 @@ def visualize(args) -> dict:
              "truncated": truncated, "k": k, "K": cfg.sea.K,
              "teacher_source": "teacher" if teacher is not None else "student",
              "maps": {}}
+  from sea_jax.safe_write import OWNER_FILE
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, OWNER_FILE), "w") as f:  # this folder is visualize's
+    f.write(VISUALIZE + "\n")
   for layer in layers:
     chosen = heads
     if chosen is None:

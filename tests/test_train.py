@@ -198,7 +198,8 @@ def test_dynamic_k_draws_are_log_uniform_in_range_and_reproducible():
 def test_bad_input_is_one_line_error(shared, tmp_path, capsys, extra, message):
   _, teacher, text, _ = shared
   argv = ["--teacher", str(teacher), "--out", str(tmp_path / "o"), "--steps", "2",
-          "--seq-len", "32", "--batch-size", "8", "--train-text", str(text), *extra]
+          "--seq-len", "32", "--batch-size", "8", "--train-text", str(text), "--sea-K", "16",
+          *extra]
   assert cli.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err

@@ -6,6 +6,7 @@ Bad input is a `TrainError` (one line, no traceback, exit code 2).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from sea_jax.errors import add_debug_flag
@@ -128,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
 def check_flags(args: argparse.Namespace) -> None:
   """Checks that need no model and no devices."""
   positive = ("steps", "seq_len", "batch_size", "save_every", "keep", "log_every")
+  shapes = ("layers", "d_model", "heads", "ffn", "max_positions", "vocab_size")
+  for name in shapes:  # given (not None) means a real size: 0 is not "not given"
+    if getattr(args, name) is not None and getattr(args, name) < 1:
+      raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  for name in ("lr", "lr_sea", "lr_pretrained", "weight_decay"):
+    value = getattr(args, name)
+    if not math.isfinite(value) or value < 0:
+      raise TrainError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
   for name in positive:
     if getattr(args, name) < 1:
       raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

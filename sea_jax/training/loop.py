@@ -111,13 +111,22 @@ def write_config(args, plan: Plan, mesh, out: str, is_writer: bool) -> None:
         "jax": jax.__version__})
 
 
-def check_out_dir(out: str) -> None:
-  """--out is a folder (or absent) we can write in, checked before any work."""
-  from sea_jax.safe_write import DestinationError, check_writable_folder
+RUN_FILES = (CONFIG_FILE, "checkpoints", "metrics.jsonl", "final", "cache")  # what a run writes
+
+
+def check_out_dir(out: str, is_writer: bool) -> None:
+  """--out is new, empty or a run folder of train.py (never a folder of the user's files),
+  writable, and its run files are readable: checked before any work."""
+  from sea_jax.safe_write import DestinationError, check_writable_folder, claim_output_folder
+  from sea_jax.training.metrics import DamagedRunFileError, read_records
   try:
-    check_writable_folder(out, "--out")
-  except DestinationError as e:
-    raise TrainError(str(e)) from None
+    if is_writer:
+      claim_output_folder(out, "train.py", "--out", also_ours=RUN_FILES)
+    else:
+      check_writable_folder(out, "--out")
+    read_records(os.path.join(out, "metrics.jsonl"))
+  except (DestinationError, DamagedRunFileError) as e:
+    raise TrainError(f"{e}; restore it, or start the run in another --out") from None
 
 
 def check_checkpoint_room(out: str, abstract_params, tx, keep: int) -> None:
@@ -178,6 +187,7 @@ class Runner:
     plan = make_plan(args, dict(mesh.shape))
     created = not os.path.exists(self.out)
     self.started = False
+    self.lock = None
     try:
       return self._run(plan, mesh)
     except BaseException:
@@ -186,12 +196,21 @@ class Runner:
         import shutil
         shutil.rmtree(self.out, ignore_errors=True)
       raise
+    finally:
+      if self.lock is not None:
+        self.lock.release()
 
   def _run(self, plan: Plan, mesh) -> int:
     args = self.args
     spec = plan.spec
-    check_out_dir(self.out)
+    check_out_dir(self.out, self.is_writer)
     os.makedirs(self.out, exist_ok=True)
+    if self.is_writer:  # one writer per run folder, for the whole run
+      from sea_jax.safe_write import DestinationError, RunLock
+      try:
+        self.lock = RunLock(self.out, "train.py").acquire()
+      except DestinationError as e:
+        raise TrainError(str(e)) from None
     ckpt = TrainCheckpointer(os.path.join(self.out, "checkpoints"), args.keep,
                              is_writer=self.is_writer)
     check_config(plan, self.out, bool(ckpt.steps()))

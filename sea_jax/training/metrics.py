@@ -20,6 +20,33 @@ def check_finite(step: int, metrics: Mapping[str, float]) -> None:
     raise NonFiniteLossError(f"non-finite loss at step {step}: {', '.join(bad)}")
 
 
+class DamagedRunFileError(ValueError):
+  """A run file (metrics.jsonl) that a person or a crash damaged; the message names the line."""
+
+
+def read_records(path: str) -> list[dict]:
+  """The records of a metrics.jsonl: JSON objects with an integer "step", in order. A last line
+  cut short by a kill is dropped; any other bad line is a DamagedRunFileError naming it."""
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    lines = f.readlines()
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      if number == len(lines) and not line.endswith("\n"):
+        continue  # the last line, cut short by a kill
+      raise DamagedRunFileError(f"{path} line {number} is not JSON: {line.strip()[:60]!r}"
+                                ) from None
+    if not isinstance(record, dict) or type(record.get("step")) is not int:
+      raise DamagedRunFileError(f"{path} line {number} has no integer \"step\": "
+                                f"{line.strip()[:60]!r}")
+    records.append(record)
+  return records
+
+
 class MetricsLog:
   """Appends JSON lines to `path` (only on the writing process).
 
@@ -38,14 +65,7 @@ class MetricsLog:
       return
     with open(self.path) as f:
       lines = f.readlines()
-    keep = []
-    for line in lines:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # a line cut short by a kill
-      if int(record.get("step", 0)) <= step:
-        keep.append(json.dumps(record) + "\n")
+    keep = [json.dumps(r) + "\n" for r in read_records(self.path) if r["step"] <= step]
     if len(keep) != len(lines):
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:
