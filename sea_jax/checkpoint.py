@@ -287,7 +287,8 @@ def apply_overrides(config, **overrides):
   compress, and the estimator's (K/4, K) pooling matrix grows as K squared."""
   sea = {k[len("sea_"):]: v for k, v in overrides.items() if k.startswith("sea_")}
   positions = overrides.get("max_position_embeddings", config.max_position_embeddings)
-  if sea.get("K") is not None and sea["K"] > positions:
+  sea_model = overrides.get("attention", config.attention) == "sea"
+  if sea_model and sea.get("K") is not None and sea["K"] > positions:
     raise ConfigError(f"SEA K={sea['K']} exceeds the model's {positions} positions: a row has "
                       "at most that many keys to compress")
   top = {k: v for k, v in overrides.items() if not k.startswith("sea_")}

@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
       model_folder_to_hf(args.src, args.dst)
     else:
       if args.attention != "dense" and args.sea_K is not None:  # K within the positions
-        checkpoint.apply_overrides(checkpoint.stored_config(args.src), sea_K=args.sea_K)
+        checkpoint.apply_overrides(checkpoint.stored_config(args.src), attention=args.attention,
+                                   sea_K=args.sea_K)
       sea = SEAConfig(K=args.sea_K or SEAConfig.K, k=args.sea_k, seed=args.seed)
       hf_to_model_folder(args.src, args.dst, attention=args.attention, sea=sea,
                          param_dtype=args.param_dtype)
