@@ -1,0 +1,112 @@
+"""The real pair end to end on this machine: SmolLM2-135M dense against its SEA student, at each
+window length, side by side in one run.
+
+  python bench/bench_real_pair.py [--student runs/smollm2/student] [--lengths 1024 2048 4096 8192]
+                                  [--windows 1] [--out-md FILE] [--out-json FILE]
+
+Per (model, T), in a fresh process each (so the host's peak RSS is that run's alone): one
+jitted forward + per-window loss (what `eval.py` runs) on WikiText-2 test windows (gptq
+protocol): tokens/s (best of --repeats timed passes over --windows windows, after a compile),
+XLA's compiled temp bytes (`memory_analysis().temp_size_in_bytes`) and the process's peak RSS,
+and the perplexity of those windows, so speed is never read without quality. Ratios SEA/dense
+come from the same run. Prints a Markdown table (device, versions, date).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
+from sea_jax import checkpoint, data, evaluate
+path, T, windows, repeats = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+model = checkpoint.load_pretrained(path)
+tokens = data.protocol_tokens(checkpoint.model_tokenizer(path), "gptq")
+wins = data.eval_windows(tokens, T)[:windows]
+from flax import nnx
+graph, state = nnx.split(model)
+step = jax.jit(lambda s, x: evaluate.window_losses(nnx.merge(graph, s), x, None))
+x = jnp.asarray(wins[:1])
+compiled = step.lower(state, x).compile()
+temp = compiled.memory_analysis().temp_size_in_bytes
+losses = [float(l) for w in wins for l in np.asarray(compiled(state, jnp.asarray(w[None])))]
+best = None
+for _ in range(repeats):
+  start = time.perf_counter()
+  for w in wins:
+    jax.block_until_ready(compiled(state, jnp.asarray(w[None])))
+  took = time.perf_counter() - start
+  best = took if best is None else min(best, took)
+print(json.dumps({"tokens_per_s": wins.size / best, "temp_bytes": int(temp),
+                  "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "perplexity": float(np.exp(np.mean(losses))), "windows": int(len(wins))}))
+"""
+
+
+def measure(path: str, T: int, windows: int, repeats: int) -> dict:
+  proc = subprocess.run([sys.executable, "-c", CHILD, REPO, path, str(T), str(windows),
+                         str(repeats)], capture_output=True, text=True, cwd=REPO)
+  if proc.returncode != 0:
+    return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--dense", default="smollm2-135m", help="the dense model (default: the GGUF)")
+  p.add_argument("--student", default="runs/smollm2/student", help="the SEA student folder")
+  p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+  p.add_argument("--windows", type=int, default=1, help="timed windows per (model, T)")
+  p.add_argument("--repeats", type=int, default=2, help="timed passes; the best is kept")
+  p.add_argument("--out-md", help="also write the table here")
+  p.add_argument("--out-json", help="also write the rows here")
+  args = p.parse_args()
+  import jax
+  rows = []
+  for T in args.lengths:
+    dense = measure(args.dense, T, args.windows, args.repeats)
+    sea = measure(args.student, T, args.windows, args.repeats)
+    rows.append({"T": T, "dense": dense, "sea": sea})
+    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+  mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
+  lines = [f"Device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+           f"jax {jax.__version__} ({jax.default_backend()}), "
+           f"{datetime.date.today().isoformat()}; {args.windows} window(s) of WikiText-2 test "
+           f"(gptq) per T, best of {args.repeats}.", "",
+           "| T | dense tok/s | SEA tok/s | SEA/dense speed | dense temp MiB | SEA temp MiB | "
+           "SEA/dense temp | dense RSS MiB | SEA RSS MiB | dense ppl | SEA ppl |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    d, s = r["dense"], r["sea"]
+    if "error" in d or "error" in s:
+      lines.append(f"| {r['T']} | {d.get('error', '')} | {s.get('error', '')} |" + " |" * 8)
+      continue
+    lines.append(
+        f"| {r['T']:,} | {d['tokens_per_s']:.0f} | {s['tokens_per_s']:.0f} | "
+        f"{s['tokens_per_s'] / d['tokens_per_s']:.2f}x | {mib(d['temp_bytes'])} | "
+        f"{mib(s['temp_bytes'])} | {s['temp_bytes'] / d['temp_bytes']:.2f}x | "
+        f"{mib(d['rss_bytes'])} | {mib(s['rss_bytes'])} | {d['perplexity']:.2f} | "
+        f"{s['perplexity']:.2f} |")
+  table = "\n".join(lines)
+  print(table)
+  if args.out_md:
+    with open(args.out_md, "w") as f:
+      f.write(table + "\n")
+  if args.out_json:
+    with open(args.out_json, "w") as f:
+      json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
