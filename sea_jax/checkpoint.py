@@ -120,8 +120,8 @@ def write_config(config, folder: str) -> None:
     json.dump(config.to_hf_dict(), f, indent=2)
 
 
-def restore_params(folder: str, abstract: nnx.State, mesh: Mesh | None) -> tuple[dict, list[tuple]]:
-  """Reads what the checkpoint has of `abstract` -> (pure dict, missing paths)."""
+def saved_arrays(folder: str) -> dict[tuple, Any]:
+  """{path (str keys): array metadata (shape, dtype)} of what `folder/params` holds."""
   path = os.path.abspath(os.path.join(folder, PARAMS_DIR))
   try:
     meta = ocp.StandardCheckpointer().metadata(path)
@@ -129,7 +129,13 @@ def restore_params(folder: str, abstract: nnx.State, mesh: Mesh | None) -> tuple
   except Exception as e:  # noqa: BLE001 - Orbax raises many kinds here
     raise CheckpointError(f"cannot read the checkpoint {path} ({_reason(e)}); "
                           f"{CORRUPT_HINT}") from None
-  saved = {tuple(str(k) for k in p): v for p, v in flatten(dict(saved_tree)).items()}
+  return {tuple(str(k) for k in p): v for p, v in flatten(dict(saved_tree)).items()}
+
+
+def restore_params(folder: str, abstract: nnx.State, mesh: Mesh | None) -> tuple[dict, list[tuple]]:
+  """Reads what the checkpoint has of `abstract` -> (pure dict, missing paths)."""
+  path = os.path.abspath(os.path.join(folder, PARAMS_DIR))
+  saved = saved_arrays(folder)
   want = flatten(nnx.to_pure_dict(abstract))
   shardings = (flatten(nnx.to_pure_dict(shd.state_shardings(abstract, mesh))) if mesh is not None
                else {p: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for p in want})
