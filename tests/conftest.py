@@ -27,7 +27,7 @@ def seed_of(name: str) -> int:
   return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
 
 
-def test_seed() -> int:
+def current_seed() -> int:
   """The running test's seed: `seed_of` its node id (pytest's PYTEST_CURRENT_TEST)."""
   current = os.environ.get("PYTEST_CURRENT_TEST", "no-test")
   return seed_of(current.rsplit(" (", 1)[0])

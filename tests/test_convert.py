@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, relative_error, test_seed
+from conftest import REPO, relative_error, current_seed
 from hf_models import save_tiny_opt, torch_logits
 from sea_jax import checkpoint, convert
 from sea_jax.checkpoint import CheckpointError
@@ -29,12 +29,12 @@ def _state_dicts_equal(a, b):
 @pytest.mark.parametrize("variant", ["pre", "post"])
 def test_hf_to_ours_to_hf_gives_identical_tensors(tmp_path, variant):
   import transformers
-  model = save_tiny_opt(str(tmp_path / "hf"), variant, seed=test_seed())
+  model = save_tiny_opt(str(tmp_path / "hf"), variant, seed=current_seed())
   convert.hf_to_model_folder(str(tmp_path / "hf"), str(tmp_path / "sj"))
   convert.model_folder_to_hf(str(tmp_path / "sj"), str(tmp_path / "back"))
   back = transformers.OPTForCausalLM.from_pretrained(str(tmp_path / "back"))
   _state_dicts_equal(model, back)
-  ids = np.random.default_rng(test_seed()).integers(0, 50272, size=(2, 9))
+  ids = np.random.default_rng(current_seed()).integers(0, 50272, size=(2, 9))
   np.testing.assert_array_equal(torch_logits(model, ids), torch_logits(back, ids))
 
 

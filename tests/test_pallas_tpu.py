@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from conftest import test_seed  # noqa: E402
+from conftest import current_seed  # noqa: E402
 import pytest  # noqa: E402
 from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 
@@ -29,7 +29,7 @@ except TypeError:  # field renamed in a later JAX
 
 
 def _seed():
-  return test_seed()
+  return current_seed()
 
 
 # ------------------------------------------------------------------------------ oracle

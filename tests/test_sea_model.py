@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO, seed_of, test_seed
+from conftest import REPO, seed_of, current_seed
 from hf_models import save_tiny_opt
 from sea_jax import checkpoint, convert
 from sea_jax.config import ConfigError, SEAConfig
@@ -55,14 +55,14 @@ def test_attention_layers_selects_which_layers_swap(dense_folder):
                                 attention_layers=(1,))
   kinds = [type(layer.self_attn.core).__name__ for layer in model.layers]
   assert kinds == ["DenseAttention", "SEAAttention"]
-  ids = jnp.asarray(np.random.default_rng(test_seed()).integers(0, 50272, (2, 40)))
+  ids = jnp.asarray(np.random.default_rng(current_seed()).integers(0, 50272, (2, 40)))
   out = model(ids, sea_k=4, return_attn_aux=True)
   assert "est_probs" not in out.attn_aux[0] and out.attn_aux[1]["est_probs"].shape == (2, 4, 40, 16)
 
 
 def test_k_is_a_call_argument_and_bad_k_is_an_error(dense_folder):
   model = checkpoint.load_model(str(dense_folder / "dense"), attention="sea", sea_K=16)
-  ids = jnp.asarray(np.random.default_rng(test_seed()).integers(0, 50272, (1, 64)))
+  ids = jnp.asarray(np.random.default_rng(current_seed()).integers(0, 50272, (1, 64)))
   kept = [int(model(ids, sea_k=k, return_attn_aux=True).attn_aux[0]["compressed_mask"].sum())
           for k in (2, 8)]
   assert kept[0] < kept[1]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import test_seed
+from conftest import current_seed
 from flax import nnx
 
 from sea_jax.ops import (bin_bounds, bin_index, expand_mask, nonempty_bins, sparse_attention,
@@ -27,8 +27,8 @@ from sea_jax.sea.topk import static_row_budget
 
 
 def make_rng():
-  """(generator, seed): the seed from the running test's name (`conftest.test_seed`)."""
-  seed = test_seed()
+  """(generator, seed): the seed from the running test's name (`conftest.current_seed`)."""
+  seed = current_seed()
   return np.random.default_rng(seed), seed
 
 

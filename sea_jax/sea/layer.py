@@ -66,6 +66,9 @@ def sparse_dispatch(impl: str, q, k, v, compressed_mask, *, query_block: int):
   elif impl == "blocked":
     fn = lambda q, k, v, cm: blocked_attention(q, k, v, compressed_mask=cm)  # noqa: E731
   elif impl == "pallas":
+    if jax.default_backend() not in ("gpu", "tpu"):
+      raise ConfigError(f"sparse_impl 'pallas' needs a GPU or TPU (this is "
+                        f"{jax.default_backend()}); choose 'auto', 'xla' or 'blocked'")
     fn = pallas_sparse_attention
   else:
     raise ConfigError(f"unknown sparse_impl {impl!r}; choose 'auto', 'xla', 'blocked' or "
