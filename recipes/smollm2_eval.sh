@@ -20,7 +20,7 @@ OUT=${OUT:-runs/smollm2}
 BASE=${BASE:-smollm2-135m}
 STUDENT=${STUDENT:-$OUT/student}
 SEQ=${SEQ:-1024} SEA_k=${SEA_k:-64} SEA_K=${SEA_K:-256}
-SWEEP_WINDOWS=${SWEEP_WINDOWS:-16} LONG_TOKENS=${LONG_TOKENS:-65536}
+SWEEP_WINDOWS=${SWEEP_WINDOWS:-8} LONG_TOKENS=${LONG_TOKENS:-32768}
 KS=${KS:-16,32,64,128,256,512,1024}
 R="$OUT/results"
 mkdir -p "$R"
@@ -37,17 +37,9 @@ run() {  # run NAME ARGS...: eval.py ARGS > R/NAME.jsonl, once
   fi
 }
 
-# the headline: whole splits at the trained window
+# the headline: the whole validation split at the trained window (the test split comes last)
 run dense_val --model "$BASE" --seq-len "$SEQ" --protocol sea
 run sea_val --model "$STUDENT" --seq-len "$SEQ" --protocol sea --sea-k "$SEA_k"
-run dense_test --model "$BASE" --seq-len "$SEQ" --protocol gptq
-run sea_test --model "$STUDENT" --seq-len "$SEQ" --protocol gptq --sea-k "$SEA_k"
-# longer windows than the student was trained at
-for T in 2048 4096; do
-  W=$(( LONG_TOKENS / T ))
-  run "dense_val_T$T" --model "$BASE" --seq-len "$T" --max-windows "$W"
-  run "sea_val_T$T" --model "$STUDENT" --seq-len "$T" --max-windows "$W" --sea-k "$SEA_k"
-done
 # the k sweep, the untrained rows and the Performer, on the first windows
 SUB=(--seq-len "$SEQ" --max-windows "$SWEEP_WINDOWS")
 run dense_sub --model "$BASE" "${SUB[@]}"
@@ -72,4 +64,13 @@ if [[ ! -d "$OUT/pictures" ]]; then
     --text-file "${PICTURE_TEXT:-sea_jax/assets/wikitext-2-raw/wiki.valid.raw}" --layers "${PICTURE_LAYERS:-3,15,29}" \
     --max-tokens "${PICTURE_TOKENS:-512}" --out "$OUT/pictures"
 fi
+# longer windows than the student was trained at
+for T in 2048 4096; do
+  W=$(( LONG_TOKENS / T ))
+  run "dense_val_T$T" --model "$BASE" --seq-len "$T" --max-windows "$W"
+  run "sea_val_T$T" --model "$STUDENT" --seq-len "$T" --max-windows "$W" --sea-k "$SEA_k"
+done
+# the test split (gptq protocol), the longest row
+run dense_test --model "$BASE" --seq-len "$SEQ" --protocol gptq
+run sea_test --model "$STUDENT" --seq-len "$SEQ" --protocol gptq --sea-k "$SEA_k"
 echo "wrote $R" >&2
