@@ -35,6 +35,7 @@ from sea_jax import checkpoint  # noqa: E402
 from sea_jax import generate as gen  # noqa: E402
 from sea_jax.attention import KVCache  # noqa: E402
 from sea_jax.sea.decode import kept_key_bound  # noqa: E402
+from bench import report_files  # noqa: E402
 
 
 def random_cache(cfg, context: int, extra: int) -> KVCache:
@@ -90,6 +91,7 @@ def main() -> None:
                       "below 2048 only)")
   p.add_argument("--out", default=None, help="also write the markdown table here")
   args = p.parse_args()
+  report_files.claim(__file__, args.out)
   mib = 2**20
   lines = [f"Decode ({args.family}), batch 1, fp32 ({datetime.date.today()}, jax {jax.__version__}, "
            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -110,9 +112,7 @@ def main() -> None:
     print(lines[-1], flush=True)
   text = "\n".join(lines)
   print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
+  report_files.write_markdown(__file__, args.out, text)
 
 
 if __name__ == "__main__":

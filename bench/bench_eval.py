@@ -20,6 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench import report_files  # noqa: E402
+
 
 def opt125m_config(layers: int):
   import transformers
@@ -65,6 +67,7 @@ def main() -> None:
   p.add_argument("--repeats", type=int, default=2, help="timed passes per Flax model; the best")
   p.add_argument("--out-md", help="also write the table here")
   args = p.parse_args()
+  report_files.claim(__file__, args.out_md)
   import jax
   import torch
   import transformers
@@ -107,9 +110,7 @@ def main() -> None:
   ]
   table = "\n".join(rows)
   print(table)
-  if args.out_md:
-    with open(args.out_md, "w") as f:
-      f.write(table + "\n")
+  report_files.write_markdown(__file__, args.out_md, table)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from flax import nnx  # noqa: E402
 
 from sea_jax import checkpoint, losses  # noqa: E402
 from sea_jax.config import LlamaConfig, SEAConfig  # noqa: E402
+from bench import report_files  # noqa: E402
 
 VOCAB = 4096
 LLAMA3 = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
@@ -123,6 +124,7 @@ def main(argv=None) -> None:
   p.add_argument("--repeats", type=int, default=1)
   p.add_argument("--out", help="write the markdown table here too")
   args = p.parse_args(argv)
+  report_files.claim(__file__, args.out)
   fwd = []
   for T in args.lengths:
     row = {"T": T, **{a: forward_row(a, T, args.repeats) for a in ("dense", "sea")}}
@@ -135,9 +137,7 @@ def main(argv=None) -> None:
     distill.append(row)
   md = markdown(fwd, distill)
   print(md)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(md)
+  report_files.write_markdown(__file__, args.out, md)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from sea_jax import checkpoint  # noqa: E402
 from sea_jax import sharding as shd  # noqa: E402
 from sea_jax.config import OPTConfig, SEAConfig  # noqa: E402
 from sea_jax.evaluate import window_losses  # noqa: E402
+from bench import report_files  # noqa: E402
 
 
 def build(args):
@@ -70,6 +71,7 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3, help="timed runs of each step")
   parser.add_argument("--out", help="also write the table to this file")
   args = parser.parse_args(argv)
+  report_files.claim(__file__, args.out)
 
   mesh = shd.make_mesh(args.mesh)
   graph, state = build(args)
@@ -92,9 +94,7 @@ def main(argv=None):
                  f"{r['seconds']:.2f} |")
   table = "\n".join(lines)
   print(table)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(table + "\n")
+  report_files.write_markdown(__file__, args.out, table)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench import report_files  # noqa: E402
+
 CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -72,6 +74,7 @@ def main() -> None:
   p.add_argument("--out-md", help="also write the table here")
   p.add_argument("--out-json", help="also write the rows here")
   args = p.parse_args()
+  report_files.claim(__file__, args.out_md, args.out_json)
   import jax
   rows = []
   for T in args.lengths:
@@ -100,12 +103,8 @@ def main() -> None:
         f"{s['perplexity']:.2f} |")
   table = "\n".join(lines)
   print(table)
-  if args.out_md:
-    with open(args.out_md, "w") as f:
-      f.write(table + "\n")
-  if args.out_json:
-    with open(args.out_json, "w") as f:
-      json.dump(rows, f, indent=2)
+  report_files.write_markdown(__file__, args.out_md, table)
+  report_files.write_json(__file__, args.out_json, {"rows": rows})
 
 
 if __name__ == "__main__":

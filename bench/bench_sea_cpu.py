@@ -37,6 +37,7 @@ from sea_jax.ops import sparse_attention, sparse_attention_reference  # noqa: E4
 from sea_jax.ops.sparse import causal_visited_tiles  # noqa: E402
 from sea_jax.sea import (causal_linear_attention, causal_mean, grouped_topk_mask,  # noqa: E402
                          masked_bin_softmax, relu_features)
+from bench import report_files  # noqa: E402
 
 N, H, D, K, k = 1, 12, 64, 256, 64
 BLOCK = 128
@@ -250,6 +251,7 @@ def main(argv=None) -> None:
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--out", help="write the markdown tables here too")
   args = p.parse_args(argv)
+  report_files.claim(__file__, args.out)
   sparse = sparse_rows(args.lengths, args.sea_only, args.reference_max, args.repeats)
   layers = layer_rows(args.layer_lengths, args.repeats)
   stages = stage_times(args.stage_T, args.repeats) if args.stage_T else {}
@@ -257,9 +259,7 @@ def main(argv=None) -> None:
   flops = flops_rows(args.flops_lengths, args.dense_max)
   md = markdown(sparse, layers, stages, args.stage_T, flops)
   print(md)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(md)
+  report_files.write_markdown(__file__, args.out, md)
 
 
 if __name__ == "__main__":

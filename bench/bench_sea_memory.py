@@ -25,6 +25,7 @@ from flax import nnx  # noqa: E402
 
 from sea_jax.attention import make_attention_core  # noqa: E402
 from sea_jax.config import OPTConfig, SEAConfig  # noqa: E402
+from bench import report_files  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,7 @@ def main(argv=None) -> None:
                       help="largest T at which fwd+bwd is also run and timed")
   parser.add_argument("--out", help="also write the table to this file")
   args = parser.parse_args(argv)
+  report_files.claim(__file__, args.out)
 
   device = jax.devices()[0]
   lines = [f"Attention layer fwd+bwd, N=1 H=12 d=64 K=256 k=64 (fp32). device: "
@@ -101,9 +103,7 @@ def main(argv=None) -> None:
     line = f"| {T} | {mib(sea)} | {mib(dense)} | {ratio} | {sea_s} | {dense_s} |"
     lines.append(line)
     print(line, flush=True)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write("\n".join(lines) + "\n")
+  report_files.write_markdown(__file__, args.out, "\n".join(lines))
 
 
 if __name__ == "__main__":

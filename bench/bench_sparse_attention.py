@@ -28,7 +28,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import report_files  # noqa: E402
 from pallas_kernels import BlockSizes, build_block_map  # noqa: E402
+from sea_jax import safe_write  # noqa: E402
 from pallas_kernels import sparse_attention as pallas_sparse_attention  # noqa: E402
 
 MiB = 2.0**20
@@ -175,8 +177,7 @@ def write_markdown(path, rows, args):
     lines.append(f"| {r['T']} | {r['mask']} | {r['method']} | {_fmt_ms(r['fwd'][0])} | "
                  f"{_fmt_ms(r['fwdbwd'][0])} | {_fmt_mib(r['fwd'][1])} | "
                  f"{_fmt_mib(r['fwdbwd'][1])} | {r['visited']} |")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  report_files.write_markdown(__file__, path, "\n".join(lines))
 
 
 def write_plot(path, rows):
@@ -202,7 +203,11 @@ def write_plot(path, rows):
   axes[0].legend(fontsize=8)
   fig.suptitle(f"SEA sparse attention, {jax.devices()[0].device_kind}, jax {jax.__version__}")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  import io
+  png = io.BytesIO()  # the PNG's Software text chunk names this benchmark (report_files)
+  fig.savefig(png, format="png", dpi=120,
+              metadata={"Software": safe_write.written_by(report_files.script_name(__file__))})
+  safe_write.write_output_file(path, png.getvalue(), report_files.script_name(__file__))
 
 
 # ---------------------------------------------------------------- main
@@ -241,6 +246,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  report_files.claim(__file__, args.out_md, args.out_png)
   dtype = jnp.dtype(args.dtype)
   print(f"devices: {jax.devices()}  jax {jax.__version__}  interpret={args.interpret}")
   meths = methods(args)

@@ -42,6 +42,7 @@ from bench_sparse_attention import make_mask  # noqa: E402
 from sea_jax.ops.dense import dense_attention  # noqa: E402
 from sea_jax.ops.blocked_attention import blocked_attention  # noqa: E402
 from sea_jax.ops.sparse import sparse_attention, sparse_attention_reference  # noqa: E402
+from bench import report_files  # noqa: E402
 
 SHAPES = {"recipe (N=8, H=8, d=32, K=64, k=32)": (8, 8, 32, 64, 32),
           "opt-125m (N=1, H=12, d=64, K=256, k=64)": (1, 12, 64, 256, 64)}
@@ -226,6 +227,7 @@ def main(argv=None) -> None:
                       "--lengths")
   p.add_argument("--out", help="write the markdown tables here too")
   args = p.parse_args(argv)
+  report_files.claim(__file__, args.out)
   if args.only_full_rung:
     text = full_rung_markdown(full_rung_rows(args.lengths, args.repeats))
   elif args.only_topk:
@@ -236,9 +238,7 @@ def main(argv=None) -> None:
     text = markdown(path_rows(args.lengths, args.repeats),
                     step_rows(args.steps) if args.step else [], topk_rows(args.repeats))
   print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text)
+  report_files.write_markdown(__file__, args.out, text)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ MODELS_DIR = Path(__file__).resolve().parent / "assets" / "models"
 BASE = "smollm2-135m"  # the dense model: a GGUF short name (`gguf_io.KNOWN_GGUF`)
 STUDENT = "smollm2-135m-sea"  # MODELS_DIR / f"{STUDENT}.tar.xz"
 SEQ_LEN = 1024  # the window the student was distilled at
-WINDOWS = 48  # windows of the default run (about 8 minutes for both models on 2 cores)
+WINDOWS = 32  # windows of the default run (32,768 tokens; see README for its minutes on 2 cores)
 
 
 class BundleError(UserError, FileNotFoundError):

@@ -200,7 +200,7 @@ def _run_eval(args) -> int:
   paths = args.model or bundle.bundled_model_paths()
   if not args.model:  # the default job: the student's window, a documented slice of the split
     args.seq_len = args.seq_len or bundle.SEQ_LEN
-    if args.max_windows is None and not getattr(args, "all_windows", False):
+    if args.max_windows is None and not args.all_windows:
       args.max_windows = bundle.WINDOWS
       print(f"note: the default run scores the first {bundle.WINDOWS} windows of "
             f"{args.seq_len} tokens; --all-windows scores the whole split", file=sys.stderr)

@@ -92,12 +92,11 @@ def check_writable_folder(path: str | os.PathLike, what: str = "output folder") 
 OWNER_FILE = ".sea-jax-owner"  # names the command that writes into an output folder
 
 
-def claim_output_folder(path: str | os.PathLike, command: str, what: str = "--out",
+def check_output_folder(path: str | os.PathLike, command: str, what: str = "--out",
                         also_ours: tuple[str, ...] = ()) -> Path:
-  """`path` as `command`'s output folder: new, empty, or one `command` wrote before (its
-  OWNER_FILE, or for folders written before that file existed one of `also_ours`); a folder
-  holding anything else is refused (nothing the user made is overwritten). Writes the owner
-  file and returns the absolute path."""
+  """Checks, writing nothing, that `path` may be `command`'s output folder: new, empty, or one
+  `command` wrote before (its OWNER_FILE, or for folders written before that file existed one
+  of `also_ours`). A folder holding anything else is refused. Returns the absolute path."""
   path = check_writable_folder(path, what)
   if path.is_dir():
     entries = [e.name for e in path.iterdir()]
@@ -110,9 +109,61 @@ def claim_output_folder(path: str | os.PathLike, command: str, what: str = "--ou
     elif entries and not any(name in entries for name in also_ours):
       raise DestinationError(f"{what} {path} already holds files {command} did not write "
                              f"(e.g. {sorted(entries)[0]}): choose a new or empty folder")
+  return path
+
+
+def claim_output_folder(path: str | os.PathLike, command: str, what: str = "--out",
+                        also_ours: tuple[str, ...] = ()) -> Path:
+  """`check_output_folder`, then the folder is created and marked as `command`'s (nothing the
+  user made is overwritten). Returns the absolute path."""
+  path = check_output_folder(path, command, what, also_ours)
   path.mkdir(parents=True, exist_ok=True)
   (path / OWNER_FILE).write_text(command + "\n")
   return path
+
+
+def written_by(command: str) -> str:
+  """The mark a report file carries in its first bytes: `written by COMMAND`."""
+  return f"written by {command}"
+
+
+def claim_output_file(path: str | os.PathLike, command: str, what: str = "--out") -> Path:
+  """`path` as `command`'s report file, checked before any work: absent, or a file whose first
+  4 KiB carry `written_by(command)` (one this command wrote before); anything else, a folder
+  or a file the user made, is refused. Returns the absolute path."""
+  path = Path(os.path.abspath(path))
+  if path.exists():
+    if not path.is_file():
+      raise DestinationError(f"{what} {path} exists and is not a regular file")
+    with open(path, "rb") as f:
+      head = f.read(4096)
+    if written_by(command).encode() not in head:
+      raise DestinationError(f"{what} {path} already exists and was not written by {command}: "
+                             "choose a new file (nothing was written)")
+  check_writable_folder(path.parent, f"{what} {path}: folder")
+  return path
+
+
+def write_output_file(path: str | os.PathLike, data: str | bytes, command: str,
+                      what: str = "--out") -> None:
+  """Writes `data` (which must carry `written_by(command)` in its first 4 KiB) to `path`
+  through a temporary sibling and a rename: a failed write leaves the old file as it was."""
+  path = claim_output_file(path, command, what)
+  raw = data.encode("utf-8") if isinstance(data, str) else data
+  if written_by(command).encode() not in raw[:4096]:
+    raise ValueError(f"report for {path} does not carry {written_by(command)!r}")
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-{os.getpid()}-")
+  try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # the mode a plain open() would give, not mkstemp's 0600
+    with os.fdopen(fd, "wb") as f:
+      f.write(raw)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
 
 
 class RunLock:

@@ -46,11 +46,15 @@ def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
   """"data=2,fsdp=2,tensor=2" -> {"data": 2, "fsdp": 2, "tensor": 2}; one axis may be -1
   (the rest of the devices); None puts every device on `data`."""
   sizes = {"data": -1, "fsdp": 1, "tensor": 1} if not spec else {"data": 1, "fsdp": 1, "tensor": 1}
+  given = set()
   for part in (spec.split(",") if spec else []):
     name, sep, value = part.partition("=")
     name = name.strip()
     if not sep or name not in MESH_AXES:
       raise MeshError(f"bad mesh entry {part!r}: expected NAME=SIZE with NAME in {MESH_AXES}")
+    if name in given:
+      raise MeshError(f"mesh axis {name!r} is given twice in {spec!r}")
+    given.add(name)
     try:
       sizes[name] = int(value)
     except ValueError:

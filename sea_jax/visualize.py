@@ -307,17 +307,6 @@ def _int_list(text: str | None, flag: str) -> list[int] | None:
 VISUALIZE = "python -m sea_jax.visualize"
 
 
-def _check_out_is_ours(out: str) -> None:
-  """--out is new, empty or a folder this command wrote (its owner file): never the user's."""
-  from sea_jax.safe_write import OWNER_FILE, DestinationError
-  if not os.path.isdir(out) or not os.listdir(out):
-    return
-  owner = os.path.join(out, OWNER_FILE)
-  if not os.path.isfile(owner) or open(owner).read().strip() != VISUALIZE:
-    raise DestinationError(f"--out {os.path.abspath(out)} already holds files this command did "
-                           "not write: choose a new or empty folder")
-
-
 def _source_config(path: str):
   """The config stored at `path` (sea-jax model folder, HF folder or hub id), before overrides."""
   from sea_jax import checkpoint
@@ -356,10 +345,9 @@ def _plan(args):
   None for the per-layer default).
   """
   import dataclasses
-  from sea_jax.safe_write import DestinationError, check_writable_folder
+  from sea_jax.safe_write import DestinationError, check_output_folder
   try:
-    check_writable_folder(args.out, "--out")
-    _check_out_is_ours(args.out)
+    check_output_folder(args.out, VISUALIZE)
   except DestinationError as e:
     raise VisualizeError(str(e)) from None
   check_model_flags(args)
@@ -431,10 +419,9 @@ def visualize(args) -> dict:
              "truncated": truncated, "k": k, "K": cfg.sea.K,
              "teacher_source": "teacher" if teacher is not None else "student",
              "maps": {}}
-  from sea_jax.safe_write import OWNER_FILE
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, OWNER_FILE), "w") as f:  # this folder is visualize's
-    f.write(VISUALIZE + "\n")
+  from sea_jax.safe_write import RunLock, claim_output_folder
+  claim_output_folder(args.out, VISUALIZE)
+  lock = RunLock(args.out, VISUALIZE).acquire()  # one writer per folder; released at exit
   for layer in layers:
     chosen = heads
     if chosen is None:
@@ -449,6 +436,7 @@ def visualize(args) -> dict:
           "coverage": drawn["coverage"], "files": drawn["files"]}
   with open(os.path.join(args.out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
+  lock.release()
   return summary
 
 

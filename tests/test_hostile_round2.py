@@ -95,6 +95,37 @@ def test_visualize_into_a_folder_of_the_users_files_touches_nothing(shared, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize("script, flag", [("bench/bench_sea_memory.py", "--out"),
+                                          ("bench/bench_real_pair.py", "--out-json"),
+                                          ("bench/bench_sparse_attention.py", "--out-png"),
+                                          ("bench/bench_gpu.py", "--out-dir")])
+def test_a_benchmark_never_overwrites_the_users_file(tmp_path, script, flag):
+  """Refused before any measurement (well inside 15 s), the user's file byte-identical."""
+  target = tmp_path / "mine"
+  if flag == "--out-dir":
+    target.mkdir()
+    (target / "notes.md").write_text("my notes\n")
+  else:
+    target.write_text("my table\n")
+  before = tree_digest(tmp_path)
+  started = time.time()
+  proc = run(script, flag, target, timeout=60)
+  assert_one_line_error(proc, "did not write" if flag == "--out-dir" else "not written by")
+  assert time.time() - started < 15 and tree_digest(tmp_path) == before
+
+
+def test_a_report_file_is_rewritten_only_by_its_own_writer(tmp_path):
+  from sea_jax import safe_write
+  path = tmp_path / "table.md"
+  for rows in ("| 1 |", "| 2 |"):  # a new file, then the same command's own file again
+    safe_write.write_output_file(path, f"<!-- {safe_write.written_by('bench/a.py')} -->\n{rows}\n",
+                                 "bench/a.py")
+  assert path.read_text().endswith("| 2 |\n") and (path.stat().st_mode & 0o044)  # not 0600
+  with pytest.raises(safe_write.DestinationError, match="not written by bench/b.py"):
+    safe_write.claim_output_file(path, "bench/b.py")
+  assert [p.name for p in tmp_path.iterdir()] == ["table.md"]  # no temporary file left
+
+
 # ---------------------------------------------------------------- no silent wrong output
 
 
@@ -125,6 +156,22 @@ def test_train_numeric_flags_out_of_range(tmp_path, flags, match):
   proc = run("train.py", "--out", out, "--steps", "1", *flags)
   assert_one_line_error(proc, match)
   assert time.time() - started < 15 and not out.exists()
+
+
+@pytest.mark.parametrize("spec, match", [("data=1,data=1", "given twice"),
+                                         ("data=2,fsdp=1,data=4", "given twice"),
+                                         ("data=0", ">= 1"), ("data=3", "devices"),
+                                         ("pipeline=2", "NAME=SIZE"), ("data=two", "size")])
+def test_a_mesh_that_does_not_fit_is_refused(spec, match):
+  from sea_jax.sharding import MeshError, parse_mesh
+  with pytest.raises(MeshError, match=match):
+    parse_mesh(spec, num_devices=2)
+
+
+def test_eval_with_a_mesh_axis_given_twice_is_one_line(shared):
+  _, teacher, _, _ = shared
+  proc = run("eval.py", "--model", teacher, "--mesh", "data=1,data=1", "--max-windows", "1")
+  assert_one_line_error(proc, "given twice")
 
 
 def test_sea_K_beyond_the_models_positions_is_refused_before_allocating(shared, tmp_path):
