@@ -8,6 +8,7 @@
 #   - the k sweep 16 ... 1,024 at T = 1,024, the untrained SEA (fresh modules) and the Performer
 #     on a frozen base (it has no parameters of its own, so its student is the untrained
 #     Performer), and the held-out books, on the first SWEEP_WINDOWS windows,
+#   - the oracle mask (the teacher's own top bins, no estimator) at k on the same windows,
 #   - per-layer coverage of the teacher's attention by the kept mask against the oracle's,
 #   - pictures of the kept mask against the teacher's attention.
 #
@@ -51,6 +52,12 @@ if [[ -f "$OUT/data/heldout.txt" ]]; then
     --text-file "$OUT/data/heldout.txt"
   run sea_heldout --model "$STUDENT" --seq-len "$SEQ" --max-windows "$SWEEP_WINDOWS" \
     --text-file "$OUT/data/heldout.txt" --sea-k "$SEA_k"
+fi
+if [[ ! -s "$R/oracle_sub.jsonl" ]]; then  # the ceiling: SEA on the teacher's own mass per bin
+  echo "== oracle mask at k = $SEA_k" >&2
+  python recipes/oracle_perplexity.py --model "$BASE" --seq-len "$SEQ" --sea-k "$SEA_k" \
+    --sea-K "$SEA_K" --windows "$SWEEP_WINDOWS" > "$R/oracle_sub.jsonl.tmp"
+  mv -f "$R/oracle_sub.jsonl.tmp" "$R/oracle_sub.jsonl"
 fi
 if [[ ! -s "$R/coverage_val.json" ]]; then
   echo "== coverage: kept mask vs oracle, per layer" >&2

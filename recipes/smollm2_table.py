@@ -74,6 +74,8 @@ def baselines(results: str) -> list[str]:
   out = ["| model (first windows) | perplexity | ratio to dense |", "|---|---|---|"]
   for title, name in (("dense SmolLM2-135M", "dense_sub"),
                       ("SEA student (k = 64)", None),
+                      ("SEA on an oracle mask (the teacher's own top bins, k = 64, gates 1; "
+                       "`recipes/oracle_perplexity.py`)", "oracle_sub"),
                       ("untrained SEA on the frozen base (K = 256, k = 64)", "untrained_sea"),
                       ("Performer on the frozen base (ReLU features; no parameters to train)",
                        "performer")):

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from sea_jax import flags
+from sea_jax import bundle, flags
 from sea_jax import sharding as shd
 
 
@@ -193,7 +193,7 @@ def run_eval(args) -> int:
 def _run_eval(args) -> int:
   """Evaluates each model (and each k) and prints one JSON line per run."""
   import json
-  from sea_jax import bundle, checkpoint, data
+  from sea_jax import checkpoint, data
   from sea_jax.config import ConfigError
   texts = check_args(args)
   ks = parse_k_list(args.sea_k)
@@ -289,10 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "dropped, no special tokens")
   p.add_argument("--max-windows", type=int, help="evaluate only the first N windows (quick "
                                                   "checks; the default run without --model: "
-                                                  "the first 48)")
+                                                  f"the first {bundle.WINDOWS})")
   p.add_argument("--all-windows", action="store_true",
-                 help="the default run without --model: score the whole split (262 windows "
-                      "of 1,024 tokens of validation: about 35 minutes on 2 cores)")
+                 help="the default run without --model: score the whole split (261 windows "
+                      "of 1,024 tokens of validation: about ALL_MINUTES minutes on 2 cores)")
   p.add_argument("--data-source", choices=("auto", "hf", "bundled"), default="auto",
                  help="WikiText-2 from `datasets` (hf), the bundled raw files, or auto")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
