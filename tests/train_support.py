@@ -119,12 +119,14 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def distill_args(teacher, text, out, *, steps: int = 4, extra=()) -> list:
-  """The reference distillation run of the resume and multi-host tests."""
+def distill_args(teacher, text, out, *, steps: int = 4, extra=(),
+                 mesh: str | None = "data=2,fsdp=2,tensor=2") -> list:
+  """The reference distillation run of the resume and multi-host tests (8 devices); mesh=None
+  runs it on one device (for tests of the run folder, not of sharding: it compiles faster)."""
   return ["--teacher", teacher, "--train-text", text, "--out", out, "--steps", steps,
           "--seq-len", 32, "--batch-size", 8, "--micro-batch-size", 4, "--sea-K", 16,
           "--sea-k", 4, "--dropout", 0.1, "--lr-sea", 1e-3, "--lr-pretrained", 1e-4,
-          "--save-every", 2, "--keep", 3, "--mesh", "data=2,fsdp=2,tensor=2", *extra]
+          "--save-every", 2, "--keep", 3, *(["--mesh", mesh] if mesh else []), *extra]
 
 
 def reference_run(root: pathlib.Path, teacher, text, cache_dir) -> pathlib.Path:
