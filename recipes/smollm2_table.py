@@ -44,7 +44,8 @@ def headline(results: str) -> list[str]:
     d, s = dense[-1], sea[-1]
     ratio = s["perplexity"] / d["perplexity"]
     mark = "" if target is None else (" ✓" if ratio <= target else " ✗")
-    out.append(f"| {title} | {d['seq_len']} | {d['windows']} ({d['tokens']:,}) | {ppl(d)} | "
+    out.append(f"| {title} | {d['seq_len']} | {d['windows']} ({d['windows'] * d['seq_len']:,}) | "
+               f"{ppl(d)} | "
                f"{ppl(s)} | {ratio:.3f}x{mark} | {tgt} |")
   return out
 
@@ -60,7 +61,7 @@ def sweep(results: str) -> list[str]:
          "|---|---|---|---|---|"]
   for line in lines:
     k, T = line["sea_k"], line["seq_len"]
-    out.append(f"| {k} | {min(k, T) / T:.1%} | {ppl(line)} | {line['perplexity'] / base:.3f}x | "
+    out.append(f"| {k} | {min(k, T) / T:.1%} | {ppl(line)} | {line['perplexity'] / base:.4f}x | "
                f"{line.get('tokens_per_s', 0):.0f} |")
   ks = [l["perplexity"] for l in lines]
   monotone = all(b <= a for a, b in zip(ks, ks[1:]))
