@@ -112,6 +112,21 @@ def test_smollm2_recipe_at_toy_size_on_a_tiny_gguf(tmp_path):
   assert gen.returncode == 0, gen.stderr[-3000:]
   line = json.loads(gen.stdout.strip().splitlines()[-1])
   assert line["attention"] == "sea" and 1 <= len(line["new_tokens"]) <= 4
+  # a student whose base is missing, or is another model, is one clear line
+  import shutil
+  other = tmp_path / "other.gguf"
+  write_gguf(str(other), tiny_hf_model("llama", hidden=64, seed=1), "llama")
+  for source, match in ((str(tmp_path / "gone.gguf"), "cannot be found"),
+                        (str(other), "not the same model")):
+    moved = tmp_path / f"student-{match.split()[0]}"
+    shutil.copytree(student, moved)
+    (moved / "base.json").write_text(json.dumps({**record, "source": source}))
+    proc = subprocess.run([sys.executable, "eval.py", "--model", str(moved), "--max-windows", "1",
+                           "--seq-len", "64", "--no-progress"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert match in lines[0] and "Traceback" not in proc.stderr
   metrics = (tmp_path / "run" / "distill" / "metrics.jsonl").read_text()
   again = subprocess.run(["bash", "recipes/smollm2_sea.sh"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=1200)
