@@ -98,7 +98,8 @@ def coverage(results: str) -> list[str]:
     return ["(coverage not run)"]
   with open(path) as f:
     c = json.load(f)
-  layers = sorted(int(n.split("_")[1]) for n in c if n.startswith("coverage_"))
+  layers = sorted(int(n.split("_")[1]) for n in c
+                  if n.startswith("coverage_") and n.split("_")[1].isdigit())
   out = [f"k = {c['sea_k']}, T = {c['seq_len']}, first {c['windows']} windows of validation; "
          f"mean over layers: learned {c['coverage_mean']:.3f}, oracle {c['oracle_mean']:.3f}", "",
          "| layer | " + " | ".join(str(i) for i in layers) + " |",
