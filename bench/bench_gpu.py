@@ -32,8 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sea_jax import safe_write  # noqa: E402
-from sea_jax.errors import UserError, one_line  # noqa: E402
+from bench import report_files  # noqa: E402
 from bench.bench_sparse_attention import _fmt_mib, _fmt_ms, dense_fn, make_mask, measure  # noqa: E402
 
 
@@ -42,12 +41,9 @@ class Report:
 
   def __init__(self, out_dir: str, header: list[str]):
     self.out_dir, self.header, self.sections = out_dir, header, {}
-    try:  # new, empty, or a folder this benchmark wrote before; nothing else is overwritten
-      safe_write.claim_output_folder(out_dir, "bench/bench_gpu.py", what="--out-dir",
-                                     also_ours=("bench_gpu.md", "bench_gpu.json"))
-    except (UserError, OSError) as e:
-      print(f"error: {one_line(e)}", file=sys.stderr)
-      raise SystemExit(2) from None
+    # new, empty, or a folder this benchmark wrote before; nothing else is overwritten
+    report_files.claim_folder(__file__, out_dir, "--out-dir",
+                              also_ours=("bench_gpu.md", "bench_gpu.json"))
 
   def add(self, section: str, columns: list[str], row: list) -> None:
     self.sections.setdefault(section, (columns, []))[1].append([str(x) for x in row])

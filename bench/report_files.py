@@ -20,17 +20,28 @@ def script_name(script_file: str) -> str:
   return f"bench/{os.path.basename(script_file)}"
 
 
-def claim(script_file: str, *paths: str | None) -> None:
-  """Checks every given output path for the benchmark `script_file`; exits 2 with one line
-  when one is taken by something the benchmark did not write."""
-  command = script_name(script_file)
+def _or_exit(check, *args, **kwargs):
+  """`check(*args, **kwargs)`, or one `error:` line and exit 2 when the path is not ours."""
   try:
-    for path in paths:
-      if path:
-        safe_write.claim_output_file(path, command)
+    return check(*args, **kwargs)
   except (UserError, OSError) as e:
     print(f"error: {one_line(e)}", file=sys.stderr)
     raise SystemExit(2) from None
+
+
+def claim(script_file: str, *paths: str | None) -> None:
+  """Checks every given output path for the benchmark `script_file`; exits 2 with one line
+  when one is taken by something the benchmark did not write."""
+  for path in paths:
+    if path:
+      _or_exit(safe_write.claim_output_file, path, script_name(script_file))
+
+
+def claim_folder(script_file: str, path: str, what: str, also_ours: tuple[str, ...]) -> None:
+  """The benchmark's output folder: new, empty or its own (`safe_write.claim_output_folder`),
+  else one line and exit 2."""
+  _or_exit(safe_write.claim_output_folder, path, script_name(script_file), what=what,
+           also_ours=also_ours)
 
 
 def write_markdown(script_file: str, path: str | None, text: str) -> None:
