@@ -231,12 +231,11 @@ class Runner:
     step_fn = build_train_step(spec, student, teacher, tx, mesh, opt_sh)
     check_checkpoint_room(self.out, student.abstract_params, tx, args.keep)
 
+    state, start = self._restore_or_init(ckpt, plan, student, tx, mesh, opt_sh, sampler)
     teacher_state = None
-    if teacher is not None:
+    if teacher is not None and start < args.steps:  # a finished run needs no teacher
       tp, tr = models.load_weights(args.teacher, teacher, mesh, _overrides(plan.teacher))
       teacher_state = {"params": tp, "rest": tr}
-
-    state, start = self._restore_or_init(ckpt, plan, student, tx, mesh, opt_sh, sampler)
     if start > args.steps:
       self.log(f"note: the run in {self.out} is already at step {start}, past --steps "
                f"{args.steps}: nothing to train (pass a larger --steps to continue)")
