@@ -114,6 +114,10 @@ class LlamaForCausalLM(nnx.Module):
     self.lm_head = (None if config.tie_word_embeddings
                     else param(rngs, normal_init(0.02), (V, D), ("vocab", "embed"), pdt))
 
+  def head_table(self) -> jax.Array:
+    """(V, D): the output head's weights (the embedding table when tied)."""
+    return (self.embed_tokens if self.lm_head is None else self.lm_head)[...]
+
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                sea_k: int | None = None, dropout_rng: jax.Array | None = None,
                output_hidden_states: bool = False, return_attn_aux: bool = False,
@@ -163,8 +167,7 @@ class LlamaForCausalLM(nnx.Module):
       h = self.norm(h)
       if output_hidden_states:
         hidden.append(h)
-      table = self.embed_tokens if self.lm_head is None else self.lm_head
-      logits = lm_logits(h, table[...], dt)
+      logits = lm_logits(h, self.head_table(), dt)
     out = CausalLMOutput(logits=logits,
                          hidden_states=tuple(hidden) if output_hidden_states else None,
                          attn_aux=tuple(auxes) if return_attn_aux else None)

@@ -118,6 +118,10 @@ class OPTForCausalLM(nnx.Module):
                   dtype=dt, param_dtype=pdt, rngs=rngs)
         if config.has_final_layer_norm else None)
 
+  def head_table(self) -> jax.Array:
+    """(V, D): the output head's weights (tied to the embedding table)."""
+    return self.embed_tokens[...]
+
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                sea_k: int | None = None, dropout_rng: jax.Array | None = None,
                output_hidden_states: bool = False, return_attn_aux: bool = False,
@@ -171,7 +175,7 @@ class OPTForCausalLM(nnx.Module):
         h = self.project_out(h)
       if output_hidden_states:
         hidden.append(h)
-      logits = lm_logits(h, self.embed_tokens[...], dt)
+      logits = lm_logits(h, self.head_table(), dt)
     out = CausalLMOutput(logits=logits,
                     hidden_states=tuple(hidden) if output_hidden_states else None,
                     attn_aux=tuple(auxes) if return_attn_aux else None)
