@@ -1,7 +1,7 @@
 """The real pair end to end on this machine: SmolLM2-135M dense against its SEA student, at each
 window length, side by side in one run.
 
-  python bench/bench_real_pair.py [--student runs/smollm2/student] [--lengths 1024 2048 4096 8192]
+  python bench/bench_real_pair.py [--student FOLDER] [--lengths 1024 2048 4096 8192]
                                   [--windows 1] [--out-md FILE] [--out-json FILE]
 
 Per (model, T), in a fresh process each (so the host's peak RSS is that run's alone): one
@@ -67,7 +67,8 @@ def measure(path: str, T: int, windows: int, repeats: int) -> dict:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--dense", default="smollm2-135m", help="the dense model (default: the GGUF)")
-  p.add_argument("--student", default="runs/smollm2/student", help="the SEA student folder")
+  p.add_argument("--student", help="the SEA student folder (default: the bundled student, "
+                 "sea_jax/assets/models/smollm2-135m-sea.tar.xz, unpacked)")
   p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
   p.add_argument("--windows", type=int, default=1, help="timed windows per (model, T)")
   p.add_argument("--repeats", type=int, default=2, help="timed passes; the best is kept")
@@ -75,6 +76,9 @@ def main() -> None:
   p.add_argument("--out-json", help="also write the rows here")
   args = p.parse_args()
   report_files.claim(__file__, args.out_md, args.out_json)
+  if args.student is None:
+    from sea_jax import bundle
+    args.student = bundle.unpack(bundle.MODELS_DIR / f"{bundle.STUDENT}.tar.xz")
   import jax
   rows = []
   for T in args.lengths:
