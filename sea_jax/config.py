@@ -49,6 +49,9 @@ class SEAConfig:
   position_rows: rows of the Performer branch's learned value table P (None = the model's
     max_position_embeddings, capped at MAX_POSITION_ROWS); with fewer rows than positions,
     position s reads P by linear interpolation at s * (rows - 1) / (max_positions - 1).
+  pooled_keys: mix the pooled-key bin scores (q · each bin's mean key, `ops.pooled_keys`)
+    into the estimator's bin distribution (`sea.estimator.PooledKeyMix`): the estimator then
+    sees the keys, not only the query. Not in the paper; off by default.
   """
   K: int = 256
   k: int = 64
@@ -58,6 +61,7 @@ class SEAConfig:
   sparse_impl: str = "auto"
   seed: int = 0
   position_rows: int | None = None
+  pooled_keys: bool = False
 
   LEGACY_KEYS = ("jitter",)  # saved by earlier versions, never read: ignored when loading
 

@@ -87,6 +87,11 @@ FLAGS: dict[str, Flag] = {f.dest: f for f in (
                                      "are read by linear interpolation (default: the "
                                      "checkpoint's, else the positions capped at 8192)"),
          _at_least_2, "sea_position_rows"),
+    Flag("--sea-pooled-keys", dict(action=argparse.BooleanOptionalAction, help="mix the "
+                                   "pooled-key bin scores (q · each bin's mean key) into SEA's "
+                                   "estimator; not in the paper (default: the checkpoint's, "
+                                   "else off)"),
+         field="sea_pooled_keys"),
     Flag("--sparse-impl", dict(choices=SPARSE_IMPLS, help="SEA sparse attention: xla (tile "
                                "list), blocked (each query block over the keys it can see), "
                                "pallas; default auto: pallas on GPU/TPU, on CPU blocked below "

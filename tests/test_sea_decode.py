@@ -122,13 +122,16 @@ def test_cnn_steps_equal_the_sequence_cnn():
     assert rel_err(got[:, :, 0], want[:, :, t]) < 1e-5, (seed, t)
 
 
-@pytest.mark.parametrize("H,Hkv,K,k", [(4, 2, 16, 2), (2, 2, 8, 1)])
-def test_sea_layer_prefill_then_steps_equal_its_forward(H, Hkv, K, k):
+@pytest.mark.parametrize("H,Hkv,K,k,pooled", [(4, 2, 16, 2, False), (2, 2, 8, 1, False),
+                                              (4, 2, 16, 2, True)])
+def test_sea_layer_prefill_then_steps_equal_its_forward(H, Hkv, K, k, pooled):
   """A SEA layer with random parameters: a prefill of 5 tokens (one row left-padded by 2), then
-  one token per call, equals the full forward of each row at every position (fp32)."""
+  one token per call, equals the full forward of each row at every position (fp32); with
+  pooled keys (SEAConfig.pooled_keys) the step's scores come from the cache."""
   rng, seed = make_rng()
   N, T, d, P = 2, 40, 16, 5
-  layer = SEAAttention(num_heads=H, head_dim=d, max_positions=64, K=K, k=k, rngs=nnx.Rngs(1))
+  layer = SEAAttention(num_heads=H, head_dim=d, max_positions=64, K=K, k=k,
+                       pooled_keys=pooled, rngs=nnx.Rngs(1))
   randomize_params(layer, rng)
   q = jnp.asarray(rng.standard_normal((N, H, T, d)) * 0.5, jnp.float32)
   kk = jnp.asarray(rng.standard_normal((N, Hkv, T, d)), jnp.float32)
@@ -137,7 +140,8 @@ def test_sea_layer_prefill_then_steps_equal_its_forward(H, Hkv, K, k):
   pads = np.asarray([0, 2])  # row 1: two pad slots, then its tokens 0..
   L = T  # row 0 fills every slot; row 1 ends 2 tokens short
   shape = AttentionShape(num_heads=H, num_kv_heads=Hkv, head_dim=d, max_positions=64,
-                         dtype=jnp.float32, param_dtype=jnp.float32, sea=SEAConfig(K=K, k=k))
+                         dtype=jnp.float32, param_dtype=jnp.float32,
+                         sea=SEAConfig(K=K, k=k, pooled_keys=pooled))
   state = SEAAttention.decode_state(shape, N)
   k_cache, v_cache = jnp.zeros((N, Hkv, L, d)), jnp.zeros((N, Hkv, L, d))
   key_mask = np.zeros((N, L), bool)

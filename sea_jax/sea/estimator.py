@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sea_jax.layers import LayerNorm, Linear, param
+from sea_jax.layers import LayerNorm, Linear, ones_init, param, zeros_init
+from sea_jax.ops.pooled_keys import EMPTY
 
 
 def _wide(dtype):
@@ -212,3 +213,28 @@ class Estimator(nnx.Module):
       gates = self.gates(z)
       gates = jax.nn.sigmoid(gates.astype(_wide(gates.dtype)))
     return gates[..., 0], gates[..., 1]
+
+
+class PooledKeyMix(nnx.Module):
+  """Mixes the estimator's bin distribution with the pooled-key one (`ops.pooled_keys`), per
+  head h: Â = w_h softmax_K(Ê) + (1 - w_h) softmax_K(τ_h P), returned as logits log Â.
+
+  Ê (N,H,T,K) from the CNN, P (N,H,T,K) pooled-key scores (EMPTY in empty bins) -> (N,H,T,K)
+  fp32 logits whose softmax over K is the mixture. w_h = σ(mix_h) (init 0.5) and τ_h
+  (init 1) are learned; everything downstream (the grouped top-k, L_approx) reads the mixture
+  as it read Ê. Not in the paper (SEA_SPEC §1.2): SEAConfig.pooled_keys turns it on.
+  """
+
+  def __init__(self, H: int, *, param_dtype, rngs: nnx.Rngs):
+    self.mix = param(rngs, zeros_init, (H,), ("sea_channels",), param_dtype)
+    self.temperature = param(rngs, ones_init, (H,), ("sea_channels",), param_dtype)
+
+  def __call__(self, est_logits: jax.Array, pooled: jax.Array) -> jax.Array:
+    wide = _wide(est_logits.dtype)
+    mix = self.mix[...].astype(wide)[:, None, None]
+    tau = self.temperature[...].astype(wide)[:, None, None]
+    learned = jax.nn.log_softmax(est_logits.astype(wide), axis=-1)
+    pooled = pooled.astype(wide)
+    scaled = jnp.where(pooled > EMPTY / 2, tau * pooled, EMPTY)  # empty bins stay empty
+    keys = jax.nn.log_softmax(scaled, axis=-1)
+    return jnp.logaddexp(jax.nn.log_sigmoid(mix) + learned, jax.nn.log_sigmoid(-mix) + keys)

@@ -18,10 +18,11 @@ from sea_jax.layers import normal_init, param
 from sea_jax.ops.bins import nonempty_bins
 from sea_jax.ops.blocked_attention import blocked_attention
 from sea_jax.ops.dense import repeat_kv
+from sea_jax.ops.pooled_keys import pooled_key_logits, pooled_key_row
 from sea_jax.ops.sparse import sparse_attention
 from sea_jax.sea.decode import (PerformerState, SEAState, attend_kept, kept_key_bound,
                                 to_left_padding, to_right_padding)
-from sea_jax.sea.estimator import HISTORY_ROWS, Estimator, history_at
+from sea_jax.sea.estimator import HISTORY_ROWS, Estimator, PooledKeyMix, history_at
 from sea_jax.sea.performer import (causal_linear_attention, linear_attention_state,
                                    linear_attention_step, num_random_features,
                                    orthogonal_random_features, relu_features)
@@ -167,7 +168,8 @@ class SEAAttention(nnx.Module):
   def __init__(self, *, num_heads: int, head_dim: int, max_positions: int, K: int = 256,
                k: int = 64, nbf: float = 8.0, performer_chunk: int = 128,
                query_block: int = 128, sparse_impl: str = "xla", dtype=jnp.float32,
-               param_dtype=jnp.float32, position_rows: int | None = None, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, position_rows: int | None = None,
+               pooled_keys: bool = False, rngs: nnx.Rngs):
     check_sea_K(K)
     check_k(k)
     rows = max_positions if position_rows is None else min(position_rows, max_positions)
@@ -177,6 +179,8 @@ class SEAAttention(nnx.Module):
     self.features = _random_features(rngs, head_dim, nbf)
     self.estimator = Estimator(head_dim, num_heads, K, dtype=dtype, param_dtype=param_dtype,
                                rngs=rngs)
+    self.pooled = (PooledKeyMix(num_heads, param_dtype=param_dtype, rngs=rngs) if pooled_keys
+                   else None)
     self.num_heads, self.head_dim, self.K, self.k = num_heads, head_dim, K, k
     self.performer_chunk, self.query_block = performer_chunk, query_block
     self.sparse_impl = sparse_impl
@@ -190,7 +194,8 @@ class SEAAttention(nnx.Module):
                max_positions=shape.max_positions, K=sea.K, k=sea.k, nbf=sea.nbf,
                performer_chunk=sea.performer_chunk, query_block=sea.query_block,
                sparse_impl=sea.sparse_impl, dtype=shape.dtype, param_dtype=shape.param_dtype,
-               position_rows=sea.table_rows(shape.max_positions), rngs=rngs)
+               position_rows=sea.table_rows(shape.max_positions),
+               pooled_keys=sea.pooled_keys, rngs=rngs)
 
   def __call__(self, q, k, v, *, key_mask=None, sea_k=None, deterministic=True,
                return_aux=False):
@@ -217,6 +222,9 @@ class SEAAttention(nnx.Module):
                                        self.performer_chunk)
     z_in = jnp.concatenate([c_perf.astype(self.dtype), v_heads.astype(self.dtype)], axis=-1)
     est_logits, s_prob, s_mix, *history = self.estimator(z_in, return_history=return_history)
+    if self.pooled is not None:
+      with jax.named_scope("sea_pooled_keys"):
+        est_logits = self.pooled(est_logits, pooled_key_logits(q, k, self.K))
     with jax.named_scope("sea_topk"):
       est_probs = masked_bin_softmax(est_logits)
       mask = per_shard(lambda p: grouped_topk_mask(p, keys_per_head), est_probs,
@@ -289,6 +297,10 @@ class SEAAttention(nnx.Module):
                                              v_cat, (state.performer.S, state.performer.z))
     z_in = jnp.concatenate([c_perf.astype(self.dtype), v_heads.astype(self.dtype)], axis=-1)
     est_logits, s_prob, s_mix, history = self.estimator.step(z_in, state.history)
+    if self.pooled is not None:
+      with jax.named_scope("sea_pooled_keys"):
+        pooled = pooled_key_row(q[:, :, 0], cache.k, t, offsets, self.K)
+        est_logits = self.pooled(est_logits, pooled[:, :, None])
     with jax.named_scope("sea_topk"):
       probs = jax.nn.softmax(est_logits[:, :, 0].astype(jnp.promote_types(est_logits.dtype,
                                                                           jnp.float32)), -1)

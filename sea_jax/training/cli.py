@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "on the frozen pretrained weights; the optimizer holds nothing else "
                       "(default: train every weight, as the paper)")
   add_model_flags(
-      g, "attention", "sea_k", "sea_K", "sea_position_rows", "sparse_impl", "dense_impl",
+      g, "attention", "sea_k", "sea_K", "sea_position_rows", "sea_pooled_keys", "sparse_impl",
+      "dense_impl",
       "dtype",
       attention=dict(choices=("sea", "performer"), default="sea",
                      help="distill: the student's attention; performer is the paper's linear "
