@@ -1,7 +1,8 @@
 """Packs a SEA student distilled on a frozen base as its SEA parameters alone.
 
   python recipes/pack_student.py --student runs/smollm2/student/final --base smollm2-135m \
-      --out runs/smollm2/shipped [--sea-k 64] [--archive sea_jax/assets/models/NAME.tar.xz]
+      --out runs/smollm2/shipped [--sea-k 64] [--sea-pooled-keys]
+      [--archive sea_jax/assets/models/NAME.tar.xz]
 
 Writes a model folder holding config.json, the SEA modules of every layer (`params/`: the
 estimator, gates and position table stored in --param-dtype, the fixed random features in
@@ -29,6 +30,9 @@ def main(argv=None) -> int:
   p.add_argument("--param-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                  help="storage of the trained SEA parameters (default bfloat16; computed in "
                       "float32)")
+  p.add_argument("--sea-pooled-keys", action="store_true",
+                 help="turn on the pooled-key mix (SEAConfig.pooled_keys); a student trained "
+                      "without it gets the mix at its initial values (w = 0.5, tau = 1)")
   p.add_argument("--archive", help="also write this tar.xz of the folder")
   args = p.parse_args(argv)
   import dataclasses
@@ -48,10 +52,17 @@ def main(argv=None) -> int:
     raise SystemExit(f"error: {args.student} is not a SEA student (attention {config.attention})")
   if args.sea_k is not None:
     config = dataclasses.replace(config, sea=dataclasses.replace(config.sea, k=args.sea_k))
+  if args.sea_pooled_keys:
+    config = dataclasses.replace(config, sea=dataclasses.replace(config.sea, pooled_keys=True))
   graphdef, abstract = checkpoint.abstract_model(config)
   restored, missing = checkpoint.restore_params(args.student, abstract, None)
-  if missing:
-    raise SystemExit(f"error: {args.student} lacks {len(missing)} parameters")
+  fresh = [path for path in missing if "pooled" in path] if args.sea_pooled_keys else []
+  if len(fresh) < len(missing):
+    raise SystemExit(f"error: {args.student} lacks {len(missing) - len(fresh)} parameters")
+  if fresh:  # the mix at its initial values (constants, whatever the seed)
+    init = checkpoint.flatten(nnx.to_pure_dict(checkpoint.init_state(config)))
+    restored = checkpoint.unflatten({**checkpoint.flatten(restored),
+                                     **{path: init[path] for path in fresh}})
   fixed = {p for p, _ in checkpoint.flatten(nnx.to_pure_dict(
       nnx.state(nnx.merge(graphdef, abstract), RandomFeatures))).items()}
   sea_only = {}

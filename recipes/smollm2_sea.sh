@@ -9,8 +9,12 @@
 #   2. end to end (`train.py --mode distill --freeze-base`): the paper's loss through the whole
 #      student, only the SEA modules trained, each update at a k drawn log-uniformly from
 #      [K_LO, K_HI] (dynamic k),
-#   3. pack: the SEA parameters alone (a few MB) plus base.json naming the base by its sha256,
-#   4. a quick check: dense and student on the first QUICK_WINDOWS windows of WikiText-2
+#   3. pooled keys: the estimator's bin distribution mixed with the pooled-key scores
+#      (q · each bin's mean key; SEAConfig.pooled_keys, not in the paper), then POOLED_STEPS
+#      more end-to-end steps that train the mix with the rest (0: the mix at its initial
+#      values, w = 0.5, tau = 1),
+#   4. pack: the SEA parameters alone (a few MB) plus base.json naming the base by its sha256,
+#   5. a quick check: dense and student on the first QUICK_WINDOWS windows of WikiText-2
 #      validation (the full evaluation is recipes/smollm2_eval.sh).
 #
 #   bash recipes/smollm2_sea.sh                       # the recipe (RESULTS.md: wall time)
@@ -27,15 +31,19 @@ CORPUS=${CORPUS:-../shared/data/gutenberg/gutenberg_40books.txt}
 if [[ "${TOY:-0}" == 1 ]]; then
   SEQ=${SEQ:-64} SEA_K=${SEA_K:-16} SEA_k=${SEA_k:-4} K_LO=${K_LO:-2} K_HI=${K_HI:-64}
   LAYERWISE_STEPS=${LAYERWISE_STEPS:-3} DISTILL_STEPS=${DISTILL_STEPS:-2} ROWS=${ROWS:-64}
+  POOLED_STEPS=${POOLED_STEPS:-1}
   MAX_CHARS=${MAX_CHARS:-200000} QUICK_WINDOWS=${QUICK_WINDOWS:-2} WARMUP=${WARMUP:-1}
 else
   SEQ=${SEQ:-1024} SEA_K=${SEA_K:-256} SEA_k=${SEA_k:-64} K_LO=${K_LO:-16} K_HI=${K_HI:-1024}
   LAYERWISE_STEPS=${LAYERWISE_STEPS:-250} DISTILL_STEPS=${DISTILL_STEPS:-60}
+  POOLED_STEPS=${POOLED_STEPS:-30}
   ROWS=${ROWS:-1024} MAX_CHARS=${MAX_CHARS:-0} QUICK_WINDOWS=${QUICK_WINDOWS:-16}
   WARMUP=${WARMUP:-10}
 fi
 LR_LAYERWISE=${LR_LAYERWISE:-3e-3}
 LR_DISTILL=${LR_DISTILL:-5e-4}
+LR_POOLED=${LR_POOLED:-5e-4}
+POOLED_WARMUP=${POOLED_WARMUP:-$(( WARMUP < 5 ? WARMUP : 5 ))}
 DATA="$OUT/data"
 R="$OUT/results"
 COMMON=(--teacher "$BASE" --seq-len "$SEQ" --batch-size 1 --keep 2 --cache-dir "$OUT/cache"
@@ -53,12 +61,12 @@ stage() {  # stage NAME: closes the running stage's clock (OUT/stage_times.jsonl
 }
 
 stage corpus
-echo "== 0/4 corpus: 37 training books, 3 held out" >&2
+echo "== 0/5 corpus: 37 training books, 3 held out" >&2
 python recipes/prepare_corpus.py --corpus "$CORPUS" --out "$DATA" --split-only \
   --max-train-chars "$MAX_CHARS"
 
 stage layerwise
-echo "== 1/4 attention warm-up: $LAYERWISE_STEPS steps, every layer on its teacher's q, k, v" >&2
+echo "== 1/5 attention warm-up: $LAYERWISE_STEPS steps, every layer on its teacher's q, k, v" >&2
 python train.py --mode layerwise --out "$OUT/layerwise" --steps "$LAYERWISE_STEPS" \
   --sea-K "$SEA_K" --sea-k "$SEQ" --sea-position-rows "$ROWS" --lr-sea "$LR_LAYERWISE" \
   "${COMMON[@]}"
@@ -66,22 +74,32 @@ python train.py --mode layerwise --out "$OUT/layerwise" --steps "$LAYERWISE_STEP
 STUDENT="$OUT/layerwise/final"
 if (( DISTILL_STEPS > 0 )); then
   stage distill
-  echo "== 2/4 end to end on the frozen base: $DISTILL_STEPS steps, k in [$K_LO, $K_HI]" >&2
+  echo "== 2/5 end to end on the frozen base: $DISTILL_STEPS steps, k in [$K_LO, $K_HI]" >&2
   python train.py --mode distill --freeze-base --init-from "$OUT/layerwise/final" \
     --out "$OUT/distill" --steps "$DISTILL_STEPS" --sea-k "$SEA_k" \
     --sea-k-train "$K_LO,$K_HI" --lr-sea "$LR_DISTILL" --dropout 0 "${COMMON[@]}"
   STUDENT="$OUT/distill/final"
 fi
 
+if (( POOLED_STEPS > 0 )); then
+  stage pooled
+  echo "== 3/5 pooled keys mixed into the estimator: $POOLED_STEPS end-to-end steps" >&2
+  python train.py --mode distill --freeze-base --init-from "$STUDENT" --sea-pooled-keys \
+    --out "$OUT/pooled" --steps "$POOLED_STEPS" --sea-k "$SEA_k" \
+    --sea-k-train "$K_LO,$K_HI" --lr-sea "$LR_POOLED" --dropout 0 "${COMMON[@]}" \
+    --warmup-steps "$POOLED_WARMUP"
+  STUDENT="$OUT/pooled/final"
+fi
+
 stage pack
-echo "== 3/4 pack the SEA parameters alone, on base $BASE" >&2
+echo "== 4/5 pack the SEA parameters alone, on base $BASE" >&2
 if [[ ! -d "$OUT/student" ]]; then
   python recipes/pack_student.py --student "$STUDENT" --base "$BASE" --sea-k "$SEA_k" \
-    --out "$OUT/student" ${ARCHIVE:+--archive "$ARCHIVE"}
+    --sea-pooled-keys --out "$OUT/student" ${ARCHIVE:+--archive "$ARCHIVE"}
 fi
 
 stage quick
-echo "== 4/4 quick check: the first $QUICK_WINDOWS windows of WikiText-2 validation" >&2
+echo "== 5/5 quick check: the first $QUICK_WINDOWS windows of WikiText-2 validation" >&2
 for name in dense student; do
   dst="$R/quick_$name.jsonl"
   model=$BASE; [[ $name == student ]] && model="$OUT/student"

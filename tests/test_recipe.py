@@ -86,7 +86,7 @@ def test_bundled_pair_evaluates_on_a_wikitext_slice(tmp_path):
                     reason="the recipe's training books need ../shared/data/gutenberg")
 def test_smollm2_recipe_at_toy_size_on_a_tiny_gguf(tmp_path):
   """recipes/smollm2_sea.sh end to end on a tiny GGUF base: warm-up, end-to-end distillation,
-  the packed student (SEA parameters alone + base.json) evaluated and generating on its base;
+  a step with the pooled keys mixed in, the packed student (SEA parameters alone + base.json) evaluated and generating on its base;
   a re-run trains nothing more."""
   base = tmp_path / "base.gguf"
   write_gguf(str(base), tiny_hf_model("llama", hidden=64), "llama")
@@ -105,7 +105,8 @@ def test_smollm2_recipe_at_toy_size_on_a_tiny_gguf(tmp_path):
                             .read_text().splitlines()[-1]) for name in ("dense", "student")}
   assert quick["dense"]["attention"] == "dense" and quick["student"]["attention"] == "sea"
   stages = [json.loads(l)["stage"] for l in open(tmp_path / "run" / "stage_times.jsonl")]
-  assert stages == ["corpus", "layerwise", "distill", "pack", "quick"]
+  assert stages == ["corpus", "layerwise", "distill", "pooled", "pack", "quick"]
+  assert checkpoint.load_config(str(student)).sea.pooled_keys  # the shipped form mixes them
   gen = subprocess.run([sys.executable, "-m", "sea_jax.generate", "--model", str(student),
                         "--prompt", "The tower", "--max-new-tokens", "4"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
@@ -128,7 +129,9 @@ def test_smollm2_recipe_at_toy_size_on_a_tiny_gguf(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert match in lines[0] and "Traceback" not in proc.stderr
   metrics = (tmp_path / "run" / "distill" / "metrics.jsonl").read_text()
+  pooled_metrics = (tmp_path / "run" / "pooled" / "metrics.jsonl").read_text()
   again = subprocess.run(["bash", "recipes/smollm2_sea.sh"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=1200)
   assert again.returncode == 0, again.stderr[-4000:]
   assert (tmp_path / "run" / "distill" / "metrics.jsonl").read_text() == metrics
+  assert (tmp_path / "run" / "pooled" / "metrics.jsonl").read_text() == pooled_metrics
