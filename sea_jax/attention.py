@@ -68,7 +68,7 @@ class DenseAttention(nnx.Module):
     return cls(shape, rngs=rngs)
 
   @classmethod
-  def decode_state(cls, shape: AttentionShape, batch: int) -> None:
+  def decode_state(cls, shape: AttentionShape, batch: int, max_len: int) -> None:
     """Dense attention decodes from the cached k, v alone: no state of its own."""
     return None
 
@@ -143,7 +143,7 @@ class KVCache:
     return cls(k=tuple(jnp.zeros(shape, config.compute_dtype) for _ in layers),
                v=tuple(jnp.zeros(shape, config.compute_dtype) for _ in layers),
                key_mask=jnp.zeros((batch, max_len), bool), length=jnp.zeros((), jnp.int32),
-               states=tuple(_decode_state(config.attention_kind(i), attention, batch)
+               states=tuple(_decode_state(config.attention_kind(i), attention, batch, max_len)
                             for i in layers))
 
   def extend_mask(self, attention_mask: jax.Array | None, T: int) -> jax.Array:
@@ -208,13 +208,14 @@ ATTENTION_CORES: dict[str, type[nnx.Module]] = {
     "performer": PerformerAttention,
 }
 """Every attention kind: a core class with `from_shape(shape, rngs=)`, `decode_state(shape,
-batch)` and `cached(q, k, v, layer_kv, sea_k=)`; `config.ATTENTION_KINDS` names the same kinds."""
+batch, max_len)` and `cached(q, k, v, layer_kv, sea_k=)`; `config.ATTENTION_KINDS` names the same kinds."""
 assert set(ATTENTION_CORES) == set(ATTENTION_KINDS), "config.ATTENTION_KINDS is the registry's keys"
 
 
-def _decode_state(kind: str, shape: AttentionShape, batch: int):
-  """A layer's empty decode state by attention kind (None: dense keeps only k, v)."""
-  return ATTENTION_CORES[kind].decode_state(shape, batch)
+def _decode_state(kind: str, shape: AttentionShape, batch: int, max_len: int):
+  """A layer's empty decode state for a cache of max_len slots, by attention kind (None: dense
+  keeps only k, v)."""
+  return ATTENTION_CORES[kind].decode_state(shape, batch, max_len)
 
 
 def make_attention_core(config, layer: int, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -12,7 +12,7 @@ from flax import nnx
 
 from test_sea_pieces import make_rng, randomize_params
 from sea_jax.config import OPTConfig, SEAConfig
-from sea_jax.ops.pooled_keys import EMPTY, pooled_key_logits, pooled_key_row
+from sea_jax.ops.pooled_keys import EMPTY, key_prefix_sums, pooled_key_logits, pooled_key_row
 from sea_jax.sea import SEAAttention
 from sea_jax.sea.estimator import PooledKeyMix
 
@@ -74,12 +74,14 @@ def test_decoding_row_over_a_left_padded_cache_equals_the_sequence_row():
   want = np.asarray(pooled_key_logits(q, k, K))
   offsets = np.asarray([0, 4, 1])
   L = T + 4
-  cache = np.full((N, Hkv, L, d), 7.0, np.float32)  # pad slots hold junk, never read
+  cache = np.full((N, Hkv, L, d), 7.0, np.float32)  # pad slots hold junk, masked out
   for n in range(N):
     cache[n, :, offsets[n]:offsets[n] + T] = np.asarray(k[n])
+  real = (np.arange(L)[None] >= offsets[:, None]) & (np.arange(L)[None] < offsets[:, None] + T)
+  sums = key_prefix_sums(jnp.asarray(np.where(real[:, None, :, None], cache, 0.0)))
   for t in (0, 3, 8, 17, 29):
     ts = jnp.full((N,), t, jnp.int32)
-    got = np.asarray(pooled_key_row(q[:, :, t], jnp.asarray(cache), ts, jnp.asarray(offsets), K))
+    got = np.asarray(pooled_key_row(q[:, :, t], sums, ts, jnp.asarray(offsets), K))
     np.testing.assert_allclose(got, want[:, :, t], rtol=1e-5, atol=1e-5,
                                err_msg=f"seed {seed} row {t}")
 

@@ -138,11 +138,11 @@ def test_sea_layer_prefill_then_steps_equal_its_forward(H, Hkv, K, k, pooled):
   v = jnp.asarray(rng.standard_normal((N, Hkv, T, d)), jnp.float32)
   want = np.asarray(layer(q, kk, v)[0])
   pads = np.asarray([0, 2])  # row 1: two pad slots, then its tokens 0..
-  L = T  # row 0 fills every slot; row 1 ends 2 tokens short
   shape = AttentionShape(num_heads=H, num_kv_heads=Hkv, head_dim=d, max_positions=64,
                          dtype=jnp.float32, param_dtype=jnp.float32,
                          sea=SEAConfig(K=K, k=k, pooled_keys=pooled))
-  state = SEAAttention.decode_state(shape, N)
+  L = T  # row 0 fills every slot; row 1 ends 2 tokens short
+  state = SEAAttention.decode_state(shape, N, L)
   k_cache, v_cache = jnp.zeros((N, Hkv, L, d)), jnp.zeros((N, Hkv, L, d))
   key_mask = np.zeros((N, L), bool)
 

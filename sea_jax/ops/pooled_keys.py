@@ -66,16 +66,10 @@ def pooled_key_logits(q: jax.Array, k: jax.Array, K: int, *,
   return jnp.moveaxis(out, 0, 2).reshape(N, H, n * B, K)[:, :, :T]
 
 
-def pooled_key_row(q: jax.Array, k_cache: jax.Array, t: jax.Array, offsets: jax.Array,
+def pooled_key_row(q: jax.Array, key_sums: jax.Array, t: jax.Array, offsets: jax.Array,
                    K: int) -> jax.Array:
-  """One decoding row: q (N,H,d), k_cache (N,Hkv,L,d) holding row n's key s at slot
-  offsets[n] + s (slots before offsets[n] are padding), t (N,) the row's position -> (N,H,K).
-
-  The prefix sums are taken over the cache each step (O(L·d) per kv head, the cost of one
-  pass over the cache's keys: cheaper than dense attention's q·k over L keys by the head
-  group factor and the softmax)."""
-  L = k_cache.shape[2]
-  real = jnp.arange(L, dtype=jnp.int32)[None, :] >= offsets[:, None]  # (N, L)
-  S = key_prefix_sums(jnp.where(real[:, None, :, None], k_cache, 0))
+  """One decoding row: q (N,H,d); key_sums (N,Hkv,L+1,d), the prefix sums over a cache's slots
+  (`key_prefix_sums` of the cached keys with padding slots zeroed), where row n's key s sits at
+  slot offsets[n] + s; t (N,) the row's position -> (N,H,K). O(K·d) per kv head."""
   one = lambda qn, Sn, tn, on: _scores(qn[None, :, None], Sn[None], tn[None], K, on)[0, :, 0]  # noqa: E731
-  return jax.vmap(one)(q, S, t, offsets)
+  return jax.vmap(one)(q, key_sums, t, offsets)

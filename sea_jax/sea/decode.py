@@ -37,14 +37,18 @@ class PerformerState:
 @dataclasses.dataclass
 class SEAState:
   """A SEA layer's decode state: the Performer branch's sums (e = 2d: P's row and v), v_sum
-  (N,Hkv,d) fp32 for the causal mean, and the CNN history (h0, h1), each (N,2H,R,K/4)."""
+  (N,Hkv,d) fp32 for the causal mean, the CNN history (h0, h1), each (N,2H,R,K/4), and with
+  pooled keys (SEAConfig.pooled_keys) key_sums (N,Hkv,L+1,d) fp32, the prefix sums of the
+  cached keys over slots (`ops.pooled_keys.key_prefix_sums`; padding slots add nothing)."""
   performer: PerformerState
   v_sum: jax.Array
   history: tuple[jax.Array, jax.Array]
+  key_sums: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(PerformerState, data_fields=["S", "z"], meta_fields=[])
-jax.tree_util.register_dataclass(SEAState, data_fields=["performer", "v_sum", "history"],
+jax.tree_util.register_dataclass(SEAState,
+                                 data_fields=["performer", "v_sum", "history", "key_sums"],
                                  meta_fields=[])
 
 

@@ -18,7 +18,7 @@ from sea_jax.layers import normal_init, param
 from sea_jax.ops.bins import nonempty_bins
 from sea_jax.ops.blocked_attention import blocked_attention
 from sea_jax.ops.dense import repeat_kv
-from sea_jax.ops.pooled_keys import pooled_key_logits, pooled_key_row
+from sea_jax.ops.pooled_keys import key_prefix_sums, pooled_key_logits, pooled_key_row
 from sea_jax.ops.sparse import sparse_attention
 from sea_jax.sea.decode import (PerformerState, SEAState, attend_kept, kept_key_bound,
                                 to_left_padding, to_right_padding)
@@ -245,15 +245,17 @@ class SEAAttention(nnx.Module):
   # --- decoding (`sea_jax.sea.decode`) ---
 
   @classmethod
-  def decode_state(cls, shape: AttentionShape, batch: int) -> SEAState:
-    """The empty decode state of one layer for `batch` rows."""
+  def decode_state(cls, shape: AttentionShape, batch: int, max_len: int) -> SEAState:
+    """The empty decode state of one layer for `batch` rows and a cache of max_len slots."""
     H, d, K = shape.num_heads, shape.head_dim, shape.sea.K
     m = num_random_features(d, shape.sea.nbf)
     history = jnp.zeros((batch, 2 * H, HISTORY_ROWS, K // 4), shape.dtype)
+    key_sums = (jnp.zeros((batch, shape.num_kv_heads, max_len + 1, d), jnp.float32)
+                if shape.sea.pooled_keys else None)
     return SEAState(performer=PerformerState(S=jnp.zeros((batch, H, m, 2 * d), jnp.float32),
                                              z=jnp.zeros((batch, H, m), jnp.float32)),
                     v_sum=jnp.zeros((batch, shape.num_kv_heads, d), jnp.float32),
-                    history=(history, history))
+                    history=(history, history), key_sums=key_sums)
 
   def cached(self, q, k, v, cache, *, sea_k=None):
     """With a KV cache (`attention.cached_attention`): q (N,H,T,d), the new k, v (N,Hkv,T,d),
@@ -268,6 +270,11 @@ class SEAAttention(nnx.Module):
   def _prefill(self, q, k, v, cache, keys_per_head):
     N, H, T, d = q.shape
     lengths, offsets, valid = _prefill_rows(cache, T)
+    key_sums = cache.state.key_sums
+    if key_sums is not None:  # over the prefill's slots 0..T-1, padding slots adding nothing
+      real = cache.key_mask[:, None, :T, None]
+      sums = key_prefix_sums(jnp.where(real, k, jnp.zeros((), k.dtype)))
+      key_sums = jax.lax.dynamic_update_slice(key_sums, sums.astype(key_sums.dtype), (0, 0, 0, 0))
     q, k, v = (to_right_padding(x, offsets) for x in (q, k, v))
     context, _, history = self._forward(q, k, v, keys_per_head, return_history=True)
     wide = jnp.promote_types(v.dtype, jnp.float32)
@@ -281,7 +288,8 @@ class SEAAttention(nnx.Module):
         v_sum=jnp.sum(jnp.where(valid[..., None], v.astype(wide), 0.0), axis=2).astype(
             old.v_sum.dtype),
         history=tuple(history_at(h, lengths, HISTORY_ROWS).astype(o.dtype)
-                      for h, o in zip(history, old.history)))
+                      for h, o in zip(history, old.history)),
+        key_sums=key_sums)
     return to_left_padding(context, offsets), state
 
   def _step(self, q, k, v, cache, keys_per_head):
@@ -297,9 +305,15 @@ class SEAAttention(nnx.Module):
                                              v_cat, (state.performer.S, state.performer.z))
     z_in = jnp.concatenate([c_perf.astype(self.dtype), v_heads.astype(self.dtype)], axis=-1)
     est_logits, s_prob, s_mix, history = self.estimator.step(z_in, state.history)
+    key_sums = state.key_sums
     if self.pooled is not None:
       with jax.named_scope("sea_pooled_keys"):
-        pooled = pooled_key_row(q[:, :, 0], cache.k, t, offsets, self.K)
+        slot = cache.start  # the new key's slot: key_sums[slot + 1] = key_sums[slot] + k
+        prev = jax.lax.dynamic_slice(key_sums, (0, 0, slot, 0), (N, k.shape[1], 1, d))
+        real = jax.lax.dynamic_slice_in_dim(cache.key_mask, slot, 1, axis=1)[:, None, :, None]
+        new = prev + jnp.where(real, k.astype(key_sums.dtype), 0.0)
+        key_sums = jax.lax.dynamic_update_slice(key_sums, new, (0, 0, slot + 1, 0))
+        pooled = pooled_key_row(q[:, :, 0], key_sums, t, offsets, self.K)
         est_logits = self.pooled(est_logits, pooled[:, :, None])
     with jax.named_scope("sea_topk"):
       probs = jax.nn.softmax(est_logits[:, :, 0].astype(jnp.promote_types(est_logits.dtype,
@@ -314,7 +328,7 @@ class SEAAttention(nnx.Module):
       mean = repeat_kv((v_sum / (t + 1).astype(v_sum.dtype)[:, None, None])[:, :, None], H)
       context = s_mix[..., None] * c_sparse + (1.0 - s_mix[..., None]) * mean
     return context.astype(v.dtype), SEAState(performer=PerformerState(S=S, z=z), v_sum=v_sum,
-                                             history=history)
+                                             history=history, key_sums=key_sums)
 
 
 class PerformerAttention(nnx.Module):
@@ -345,7 +359,8 @@ class PerformerAttention(nnx.Module):
     return context, aux
 
   @classmethod
-  def decode_state(cls, shape: AttentionShape, batch: int) -> PerformerState:
+  def decode_state(cls, shape: AttentionShape, batch: int, max_len: int) -> PerformerState:
+    del max_len
     m = num_random_features(shape.head_dim, shape.sea.nbf)
     return PerformerState(S=jnp.zeros((batch, shape.num_heads, m, shape.head_dim), jnp.float32),
                           z=jnp.zeros((batch, shape.num_heads, m), jnp.float32))
