@@ -10,6 +10,7 @@ Per T: the first WikiText-2 test window (gptq protocol) goes through the dense m
   performer  the Performer branch (positions table, ReLU features, causal linear attention),
   encoder    the estimator's encoder (Linear 3d -> 2d, LayerNorm, GELU) and gates,
   mask CNN   the row decoder and the causal CNN -> Ê (N,H,T,K),
+  pooled keys  (students with SEAConfig.pooled_keys) the pooled-key scores and their mix,
   top-k      the masked softmax over bins and the grouped top-k -> M̂,
   sparse     the sparse attention on the kept keys (the layer's sparse_impl),
   mix        s_prob, the causal mean and s_mix,
@@ -76,6 +77,7 @@ def stage_times(core, q, k, v, repeats: int) -> dict[str, float]:
   import jax.numpy as jnp
   from flax import nnx
   from sea_jax.ops.dense import repeat_kv
+  from sea_jax.ops.pooled_keys import pooled_key_logits
   from sea_jax.sea import causal_linear_attention, causal_mean, grouped_topk_mask, relu_features
   from sea_jax.sea.layer import (_performer_values, masked_bin_softmax, position_values,
                                  sparse_dispatch)
@@ -105,6 +107,11 @@ def stage_times(core, q, k, v, repeats: int) -> dict[str, float]:
     e = nnx.merge(graph, state)
     return e.cnn(e.decoder(z))
 
+  pooled = None
+  if core.pooled is not None:  # SEAConfig.pooled_keys: the pooled-key scores and the mix
+    pgraph, pstate = nnx.split(core.pooled)
+    pooled = jax.jit(lambda s, logits, q, k: nnx.merge(pgraph, s)(
+        logits, pooled_key_logits(q, k, core.K)))
   topk = jax.jit(lambda logits: grouped_topk_mask(masked_bin_softmax(logits), kk))
   sparse = jax.jit(lambda q, k, v, m: sparse_dispatch(core.sparse_impl, q, k, v, m,
                                                       query_block=core.query_block))
@@ -113,11 +120,17 @@ def stage_times(core, q, k, v, repeats: int) -> dict[str, float]:
   z_in = performer(q, k, v)
   z, (s_prob, s_mix) = encoder(state, z_in)
   logits = mask_cnn(state, z)
+  cnn_logits = logits
+  if pooled is not None:
+    logits = pooled(pstate, cnn_logits, q, k)
   mask = topk(logits)
   c_sparse = sparse(q, k, v, mask)
-  return {"performer": best_time(performer, (q, k, v), repeats),
-          "encoder": best_time(encoder, (state, z_in), repeats),
-          "mask CNN": best_time(mask_cnn, (state, z), repeats),
+  times = {"performer": best_time(performer, (q, k, v), repeats),
+           "encoder": best_time(encoder, (state, z_in), repeats),
+           "mask CNN": best_time(mask_cnn, (state, z), repeats)}
+  if pooled is not None:
+    times["pooled keys"] = best_time(pooled, (pstate, cnn_logits, q, k), repeats)
+  return {**times,
           "top-k": best_time(topk, (logits,), repeats),
           "sparse": best_time(sparse, (q, k, v, mask), repeats),
           "mix": best_time(mix, (c_sparse, v, s_prob, s_mix), repeats)}

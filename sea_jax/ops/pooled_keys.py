@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sea_jax.ops.bins import row_bounds
+from sea_jax.ops.bins import bin_start
 
 EMPTY = -1e30  # the score of an empty bin (finite, so that softmaxes stay NaN-free)
 ROW_BLOCK = 256  # query rows whose gathered bin means exist at once
@@ -37,9 +37,10 @@ def _scores(q: jax.Array, S: jax.Array, rows: jax.Array, K: int, shift=0) -> jax
   shift (decoding, a left-padded cache): key s of these rows sits at slot shift + s."""
   N, H, B, d = q.shape
   Hkv = S.shape[1]
-  starts, ends = row_bounds(rows, K)  # (B, K)
-  count = (ends - starts).astype(S.dtype)
-  mean = (S[:, :, ends + shift] - S[:, :, starts + shift]) / jnp.maximum(count, 1.0)[..., None]
+  edges = bin_start(rows[:, None], jnp.arange(K + 1, dtype=jnp.int32)[None], K)  # (B, K+1)
+  count = (edges[:, 1:] - edges[:, :-1]).astype(S.dtype)  # bin b: keys [edges[b], edges[b+1])
+  at = S[:, :, edges + shift]  # (N,Hkv,B,K+1,d): one gather per edge, shared by its two bins
+  mean = (at[..., 1:, :] - at[..., :-1, :]) / jnp.maximum(count, 1.0)[..., None]
   qg = q.astype(S.dtype).reshape(N, Hkv, H // Hkv, B, d)
   scores = jnp.einsum("nkgbd,nkbcd->nkgbc", qg, mean).reshape(N, H, B, K)
   return jnp.where(count > 0, scores, EMPTY)
