@@ -30,6 +30,7 @@ from flax import nnx  # noqa: E402
 from sea_jax import checkpoint, losses  # noqa: E402
 from sea_jax.config import LlamaConfig, SEAConfig  # noqa: E402
 from bench import report_files  # noqa: E402
+from bench.timing import best_time  # noqa: E402
 
 VOCAB = 4096
 LLAMA3 = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
@@ -44,23 +45,13 @@ def config(attention: str, T: int) -> LlamaConfig:
                      sea=SEAConfig(K=256, k=64, sparse_impl="xla"))
 
 
-def timed(fn, *args, repeats: int = 1) -> float:
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - start)
-  return best
-
-
 def forward_row(attention: str, T: int, repeats: int) -> dict:
   graph, state = nnx.split(checkpoint.build_model(config(attention, T), nnx.Rngs(0)))
   ids = jax.random.randint(jax.random.key(T), (1, T), 0, VOCAB)
   run = jax.jit(lambda s, x: nnx.merge(graph, s)(x).logits)
   compiled = run.lower(state, ids).compile()
   return {"temp": compiled.memory_analysis().temp_size_in_bytes,
-          "seconds": timed(compiled, state, ids, repeats=repeats)}
+          "seconds": best_time(compiled, (state, ids), repeats)}
 
 
 def distill_row(T: int) -> dict:

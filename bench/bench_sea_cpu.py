@@ -21,7 +21,6 @@ import datetime
 import os
 import platform
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +37,7 @@ from sea_jax.ops.sparse import causal_visited_tiles  # noqa: E402
 from sea_jax.sea import (causal_linear_attention, causal_mean, grouped_topk_mask,  # noqa: E402
                          masked_bin_softmax, relu_features)
 from bench import report_files  # noqa: E402
+from bench.timing import best_time  # noqa: E402
 
 N, H, D, K, k = 1, 12, 64, 256, 64
 BLOCK = 128
@@ -48,16 +48,6 @@ def dense(q, kk, v, cm=None):
   tr = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
   return tr(jax.nn.dot_product_attention(tr(q), tr(kk), tr(v), scale=1.0, is_causal=True,
                                          implementation="xla"))
-
-
-def best_time(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def fwd_bwd(op):
