@@ -14,10 +14,8 @@ come from the same run. Prints a Markdown table (device, versions, date).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -78,8 +76,7 @@ def main() -> None:
   report_files.claim(__file__, args.out_md, args.out_json)
   if args.student is None:
     from sea_jax import bundle
-    args.student = bundle.unpack(bundle.MODELS_DIR / f"{bundle.STUDENT}.tar.xz")
-  import jax
+    args.student = bundle.student_folder()
   rows = []
   for T in args.lengths:
     dense = measure(args.dense, T, args.windows, args.repeats)
@@ -87,9 +84,7 @@ def main() -> None:
     rows.append({"T": T, "dense": dense, "sea": sea})
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
   mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
-  lines = [f"Device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-           f"jax {jax.__version__} ({jax.default_backend()}), "
-           f"{datetime.date.today().isoformat()}; {args.windows} window(s) of WikiText-2 test "
+  lines = [f"{report_files.device_line()}; {args.windows} window(s) of WikiText-2 test "
            f"(gptq) per T, best of {args.repeats}.", "",
            "| T | dense tok/s | SEA tok/s | SEA/dense speed | dense temp MiB | SEA temp MiB | "
            "SEA/dense temp | dense RSS MiB | SEA RSS MiB | dense ppl | SEA ppl |",
@@ -105,10 +100,7 @@ def main() -> None:
         f"{mib(s['temp_bytes'])} | {s['temp_bytes'] / d['temp_bytes']:.2f}x | "
         f"{mib(d['rss_bytes'])} | {mib(s['rss_bytes'])} | {d['perplexity']:.2f} | "
         f"{s['perplexity']:.2f} |")
-  table = "\n".join(lines)
-  print(table)
-  report_files.write_markdown(__file__, args.out_md, table)
-  report_files.write_json(__file__, args.out_json, {"rows": rows})
+  report_files.publish(__file__, "\n".join(lines), args.out_md, args.out_json, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -22,51 +22,35 @@ materialises its outputs).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench import report_files  # noqa: E402
-
-
-def best_time(fn, args, repeats: int) -> float:
-  import jax
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - start)
-  return best
+from bench.timing import best_time  # noqa: E402
 
 
 def layer_inputs(model, window, layer: int):
   """q (N,H,T,d) scaled, k, v (N,Hkv,T,d) of `layer` of the dense `model` on window (1,T)."""
   import jax
   import jax.numpy as jnp
-  from sea_jax.rope import apply_rope, inv_frequencies, rope_tables
+  from sea_jax.rope import inv_frequencies, rope_tables
   cfg = model.config
 
   @jax.jit
   def run(ids):
     out = model(ids, output_hidden_states=True)
     block = model.layers[layer]
-    attn = block.self_attn
     x = block.input_layernorm(out.hidden_states[layer])
     N, T, _ = x.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (N, T))
     cos, sin = rope_tables(positions, inv_frequencies(cfg.head_dim, cfg.rope_theta,
                                                       cfg.rope_scaling_dict), x.dtype)
-    split = lambda y, h: y.reshape(N, T, h, cfg.head_dim).transpose(0, 2, 1, 3)  # noqa: E731
-    q = apply_rope(split(attn.q_proj(x), attn.num_heads), cos, sin) * cfg.head_dim**-0.5
-    k = apply_rope(split(attn.k_proj(x), attn.num_kv_heads), cos, sin)
-    return q.astype(x.dtype), k, split(attn.v_proj(x), attn.num_kv_heads)
+    q, k, v = block.self_attn.project(x, cos, sin)
+    return q.astype(x.dtype), k, v
 
   return run(window)
 
@@ -164,10 +148,9 @@ def main() -> None:
   p.add_argument("--out-json", help="also write the rows here")
   args = p.parse_args()
   report_files.claim(__file__, args.out_md, args.out_json)
-  import jax
   import jax.numpy as jnp
   from sea_jax import bundle, checkpoint, data
-  student_path = args.student or str(bundle.unpack(bundle.MODELS_DIR / f"{bundle.STUDENT}.tar.xz"))
+  student_path = args.student or bundle.student_folder()
   dense = checkpoint.load_pretrained(args.dense)
   student = checkpoint.load_pretrained(student_path)
   if not 0 <= args.layer < len(student.layers):
@@ -189,9 +172,7 @@ def main() -> None:
     rows.append(row)
     print(json.dumps(row), file=sys.stderr, flush=True)
   ms = lambda s: f"{1e3 * s:,.1f}"  # noqa: E731
-  lines = [f"Device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-           f"jax {jax.__version__} ({jax.default_backend()}), "
-           f"{datetime.date.today().isoformat()}; layer {args.layer}'s real q, k, v on the first "
+  lines = [f"{report_files.device_line()}; layer {args.layer}'s real q, k, v on the first "
            f"WikiText-2 test window (gptq); forward ms, best of {args.repeats}.", ""]
   names = list(rows[0]["stages"])
   lines += ["| T | " + " | ".join(names) + " | stages sum | SEA core | dense core | "
@@ -203,10 +184,7 @@ def main() -> None:
                  + f" | {ms(sum(r['stages'].values()))} | {ms(r['sea_core'])} | "
                  f"{ms(r['dense_core'])} | {ms(r['sea_model'])} | {ms(r['dense_model'])} | "
                  f"{ms(rest)} |")
-  table = "\n".join(lines)
-  print(table)
-  report_files.write_markdown(__file__, args.out_md, table)
-  report_files.write_json(__file__, args.out_json, {"rows": rows})
+  report_files.publish(__file__, "\n".join(lines), args.out_md, args.out_json, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -61,3 +61,22 @@ def write_json(script_file: str, path: str | None, payload: dict) -> None:
   command = script_name(script_file)
   body = {"written_by": safe_write.written_by(command), **payload}
   safe_write.write_output_file(path, json.dumps(body, indent=1) + "\n", command)
+
+
+def device_line() -> str:
+  """'Device: CPU, N cores, jax X (backend), YYYY-MM-DD' for a report's first line."""
+  import datetime
+  import platform
+
+  import jax
+  return (f"Device: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"jax {jax.__version__} ({jax.default_backend()}), "
+          f"{datetime.date.today().isoformat()}")
+
+
+def publish(script_file: str, table: str, md_path: str | None, json_path: str | None,
+            payload: dict) -> None:
+  """Prints the Markdown `table` and writes it and the JSON `payload` where asked."""
+  print(table)
+  write_markdown(script_file, md_path, table)
+  write_json(script_file, json_path, payload)

@@ -68,12 +68,18 @@ def unpack(archive: Path) -> Path:
   return target
 
 
-def bundled_model_paths() -> list[str]:
-  """The dense base and the bundled SEA student (its unpacked folder), in evaluation order."""
+def student_folder() -> str:
+  """The bundled SEA student's unpacked model folder (unpacked on first use)."""
   archive = MODELS_DIR / f"{STUDENT}.tar.xz"
   if not archive.is_file():
     raise BundleError(f"no --model given and the bundled student ({archive}) is missing; "
                       "pass --model PATH")
+  return str(unpack(archive))
+
+
+def bundled_model_paths() -> list[str]:
+  """The dense base and the bundled SEA student (its unpacked folder), in evaluation order."""
+  folder = student_folder()
   from sea_jax.gguf_io import resolve_gguf
   resolve_gguf(BASE)  # the installed GGUF, or one line saying how to install it
-  return [BASE, str(unpack(archive))]
+  return [BASE, folder]

@@ -38,14 +38,20 @@ class LlamaAttention(nnx.Module):
     self.core = make_attention_core(config, layer, rngs=rngs)
     self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, d
 
-  def __call__(self, x, cos, sin, *, key_mask=None, sea_k=None, deterministic=True,
-               return_aux=False, cache=None):
-    """-> (out, aux); with a `LayerKV` cache (generation) -> (out, {}, updated LayerKV)."""
+  def project(self, x, cos, sin):
+    """x (N,T,D) -> q (N,H,T,d) after RoPE and scaled by d^-1/2, k (N,Hkv,T,d) after RoPE, v
+    (N,Hkv,T,d): what the attention core receives."""
     N, T, _ = x.shape
     split = lambda y, h: y.reshape(N, T, h, self.head_dim).transpose(0, 2, 1, 3)  # noqa: E731
     q = apply_rope(split(self.q_proj(x), self.num_heads), cos, sin) * self.head_dim**-0.5
     k = apply_rope(split(self.k_proj(x), self.num_kv_heads), cos, sin)
-    v = split(self.v_proj(x), self.num_kv_heads)
+    return q, k, split(self.v_proj(x), self.num_kv_heads)
+
+  def __call__(self, x, cos, sin, *, key_mask=None, sea_k=None, deterministic=True,
+               return_aux=False, cache=None):
+    """-> (out, aux); with a `LayerKV` cache (generation) -> (out, {}, updated LayerKV)."""
+    N, T, _ = x.shape
+    q, k, v = self.project(x, cos, sin)
     if cache is not None:
       context, cache = cached_attention(self.core, q.astype(x.dtype), k, v, cache,
                                         sea_k=sea_k)
