@@ -59,10 +59,9 @@ def main(argv=None) -> int:
   fresh = [path for path in missing if "pooled" in path] if args.sea_pooled_keys else []
   if len(fresh) < len(missing):
     raise SystemExit(f"error: {args.student} lacks {len(missing) - len(fresh)} parameters")
-  if fresh:  # the mix at its initial values (constants, whatever the seed)
-    init = checkpoint.flatten(nnx.to_pure_dict(checkpoint.init_state(config)))
-    restored = checkpoint.unflatten({**checkpoint.flatten(restored),
-                                     **{path: init[path] for path in fresh}})
+  if fresh:  # the mix at its initial values (constants, whatever the seed), as loading does
+    model = checkpoint.assemble(config, graphdef, abstract, restored, fresh, None)
+    restored = nnx.to_pure_dict(nnx.state(model))
   fixed = {p for p, _ in checkpoint.flatten(nnx.to_pure_dict(
       nnx.state(nnx.merge(graphdef, abstract), RandomFeatures))).items()}
   sea_only = {}

@@ -9,12 +9,13 @@ the last two. The experiment behind SEAConfig.pooled_keys (RESULTS.md).
 (default student: the bundled one; RESULTS.md's figures used the student bundled before the
 pooled keys, commit 8c8dbe7, whose estimate is the spec's estimator alone.)
 """
-import json, sys, time
+import sys, time
 import os
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import jax, jax.numpy as jnp, numpy as np
 from sea_jax import checkpoint, data, losses, bundle
 from sea_jax.ops.bins import bin_bounds
+from sea_jax.ops.pooled_keys import EMPTY, pooled_key_logits
 from sea_jax.sea.topk import grouped_topk_mask
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
@@ -22,7 +23,7 @@ W = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 kk = int(sys.argv[3]) if len(sys.argv) > 3 else 64
 teacher = checkpoint.load_pretrained("smollm2-135m")
 spath = (sys.argv[4] if len(sys.argv) > 4
-         else bundle.unpack(bundle.MODELS_DIR / f"{bundle.STUDENT}.tar.xz"))
+         else bundle.student_folder())
 student = checkpoint.load_pretrained(str(spath))
 tok = checkpoint.model_tokenizer(str(spath))
 tokens = data.protocol_tokens(tok, "sea")
@@ -30,19 +31,12 @@ wins = data.eval_windows(tokens, T + 1)[:W]
 K = student.config.sea.K
 
 def pooled_logits(q, k):
-  # q (N,H,T,d) fp32, k (N,Hkv,T,d)
-  N, H, T, d = q.shape
-  Hk = k.shape[1]
-  S = jnp.concatenate([jnp.zeros((N, Hk, 1, d), jnp.float32), jnp.cumsum(k, axis=2)], axis=2)
-  starts, ends = bin_bounds(T, K)  # (T,K)
-  n = (ends - starts).astype(jnp.float32)
-  ksum = S[:, :, ends] - S[:, :, starts]  # (N,Hk,T,K,d)
-  kmean = ksum / jnp.maximum(n, 1.0)[None, None, :, :, None]
-  g = H // Hk
-  qg = q.reshape(N, Hk, g, T, d)
-  sc = jnp.einsum("nkgtd,nktbd->nkgtb", qg, kmean).reshape(N, H, T, K)
-  sc = sc + jnp.log(jnp.maximum(n, 1.0))
-  return jnp.where(n > 0, sc, -1e30)
+  """The pooled-key scores (`ops.pooled_keys`) plus log of each bin's key count: a bin's
+  estimated attention mass rather than its mean key's logit (bins differ in size)."""
+  P = pooled_key_logits(q, k, K)
+  starts, ends = bin_bounds(q.shape[2], K)
+  return jnp.where(ends > starts, P + jnp.log(jnp.maximum(ends - starts, 1)), EMPTY)
+
 
 def cover(mass, probs):
   m = grouped_topk_mask(probs, kk)
