@@ -39,13 +39,15 @@ def ref_pooled(q: np.ndarray, k: np.ndarray, K: int) -> tuple[np.ndarray, np.nda
 
 
 def bound(q: np.ndarray, k: np.ndarray, count: np.ndarray) -> np.ndarray:
-  """Per (n, h, t, b) error bound of the fp32 computation: the prefix sums carry at most
-  T·eps·max|k| per feature (a running sum of T terms), their difference twice that, divided
-  by the bin's count, then dotted with q (|q|_1), plus the dot product's own rounding."""
-  T = q.shape[2]
-  mean_err = 2 * T * EPS32 * np.abs(k).max() / np.maximum(count, 1)  # (T, K)
+  """Per (n, h, t, b) error bound of the fp32 computation, (q·S[end] - q·S[start]) / count:
+  the prefix sums carry at most T·eps·max|k| per feature (a running sum of T terms) and are at
+  most T·max|k| in size, so each dot product with q is off by at most |q|_1·T·eps·max|k| from
+  the sums plus d·eps·|q|_1·T·max|k| from its own rounding; the difference twice that,
+  divided by the bin's count, and a factor 2 for the division and the final rounding."""
+  T, d = q.shape[2], q.shape[-1]
   q1 = np.abs(q).sum(-1)[..., None]  # (N, H, T, 1)
-  return 2 * (q1 * mean_err[None, None] + q.shape[-1] * EPS32 * q1 * np.abs(k).max())
+  per_dot = q1 * T * (1 + d) * EPS32 * np.abs(k).max()
+  return 2 * 2 * per_dot / np.maximum(count, 1)[None, None]
 
 
 @pytest.mark.parametrize("N,H,Hkv,T,K,block", [(2, 6, 2, 37, 8, 5), (1, 3, 3, 70, 16, 256),
