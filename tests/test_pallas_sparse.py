@@ -6,7 +6,6 @@ on CPU. Fresh random inputs every run; the seed is in every failure message.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -65,7 +64,7 @@ def np_reference(q, k, v, cm, g):
   dv = np.swapaxes(p, -1, -2) @ g
   dp = g @ np.swapaxes(v, -1, -2)
   ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
-  return out, ds @ k, np.swapaxes(ds, -1, -2) @ q
+  return out, ds @ k, np.swapaxes(ds, -1, -2) @ q, dv
 
 
 def random_mask(rng, N, H, T, K, density=0.3):
