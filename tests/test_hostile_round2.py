@@ -5,7 +5,6 @@ byte-identical."""
 from __future__ import annotations
 
 import errno
-import json
 import signal
 import time
 

@@ -3,7 +3,6 @@
 Shapes are tiny (N=1, H=2, T<=48, d=64): interpret mode simulates every grid step.
 Fresh random inputs each run; the seed is in every failure message (SEA_TEST_SEED=... repeats it).
 """
-import os
 import sys
 import types
 from pathlib import Path

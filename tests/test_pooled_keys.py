@@ -13,7 +13,6 @@ from flax import nnx
 from test_sea_pieces import make_rng, randomize_params
 from sea_jax.config import OPTConfig, SEAConfig
 from sea_jax.ops.pooled_keys import EMPTY, key_prefix_sums, pooled_key_logits, pooled_key_row
-from sea_jax.sea import SEAAttention
 from sea_jax.sea.estimator import PooledKeyMix
 
 EPS32 = float(np.finfo(np.float32).eps)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sea_jax.ops.bins import bin_index, nonempty_bins, row_bounds
+from sea_jax.ops.bins import nonempty_bins, row_bounds
 
 
 def check_k(k) -> None:
