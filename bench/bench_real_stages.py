@@ -17,7 +17,8 @@ Per T: the first WikiText-2 test window (gptq protocol) goes through the dense m
 each timed alone (best of --repeats, forward only), beside the whole SEA core and the dense
 core on the same inputs. The whole model's eval forward (dense and SEA) gives "the rest of the
 model" = whole - layers x core. Stage times sum to a little more than the fused core (each jit
-materialises its outputs).
+materialises its outputs). A second table gives each call's compiled temp bytes
+(`memory_analysis().temp_size_in_bytes`): where a SEA layer's memory goes.
 """
 from __future__ import annotations
 
@@ -55,8 +56,15 @@ def layer_inputs(model, window, layer: int):
   return run(window)
 
 
-def stage_times(core, q, k, v, repeats: int) -> dict[str, float]:
-  """Forward seconds of each stage of the SEA core `core`, each jitted alone."""
+def temp_bytes(fn, args) -> int:
+  """XLA's compiled temporary bytes of the jitted `fn` on `args` (what one call allocates
+  besides its inputs and outputs)."""
+  return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def stage_times(core, q, k, v, repeats: int) -> tuple[dict[str, float], dict[str, int]]:
+  """Forward seconds and compiled temp bytes of each stage of the SEA core `core`, each
+  jitted alone."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -109,23 +117,23 @@ def stage_times(core, q, k, v, repeats: int) -> dict[str, float]:
     logits = pooled(pstate, cnn_logits, q, k)
   mask = topk(logits)
   c_sparse = sparse(q, k, v, mask)
-  times = {"performer": best_time(performer, (q, k, v), repeats),
-           "encoder": best_time(encoder, (state, z_in), repeats),
-           "mask CNN": best_time(mask_cnn, (state, z), repeats)}
+  calls = {"performer": (performer, (q, k, v)), "encoder": (encoder, (state, z_in)),
+           "mask CNN": (mask_cnn, (state, z))}
   if pooled is not None:
-    times["pooled keys"] = best_time(pooled, (pstate, cnn_logits, q, k), repeats)
-  return {**times,
-          "top-k": best_time(topk, (logits,), repeats),
-          "sparse": best_time(sparse, (q, k, v, mask), repeats),
-          "mix": best_time(mix, (c_sparse, v, s_prob, s_mix), repeats)}
+    calls["pooled keys"] = (pooled, (pstate, cnn_logits, q, k))
+  calls.update({"top-k": (topk, (logits,)), "sparse": (sparse, (q, k, v, mask)),
+                "mix": (mix, (c_sparse, v, s_prob, s_mix))})
+  return ({name: best_time(fn, a, repeats) for name, (fn, a) in calls.items()},
+          {name: temp_bytes(fn, a) for name, (fn, a) in calls.items()})
 
 
-def core_time(core, q, k, v, repeats: int) -> float:
+def core_time(core, q, k, v, repeats: int) -> tuple[float, int]:
+  """Forward seconds and compiled temp bytes of a whole attention core."""
   import jax
   from flax import nnx
   graph, state = nnx.split(core)
   fn = jax.jit(lambda s, q, k, v: nnx.merge(graph, s)(q, k, v)[0])
-  return best_time(fn, (state, q, k, v), repeats)
+  return best_time(fn, (state, q, k, v), repeats), temp_bytes(fn, (state, q, k, v))
 
 
 def model_time(model, window, repeats: int) -> float:
@@ -163,10 +171,13 @@ def main() -> None:
     window = jnp.asarray(data.eval_windows(tokens, T)[:1])
     q, k, v = layer_inputs(dense, window, args.layer)
     sea_core = student.layers[args.layer].self_attn.core
-    row = {"T": T, "stages": stage_times(sea_core, q, k, v, args.repeats),
-           "sea_core": core_time(sea_core, q, k, v, args.repeats),
-           "dense_core": core_time(dense.layers[args.layer].self_attn.core, q, k, v,
-                                   args.repeats),
+    stages, stage_temp = stage_times(sea_core, q, k, v, args.repeats)
+    sea_core, sea_temp = core_time(sea_core, q, k, v, args.repeats)
+    dense_core, dense_temp = core_time(dense.layers[args.layer].self_attn.core, q, k, v,
+                                       args.repeats)
+    row = {"T": T, "stages": stages, "sea_core": sea_core, "dense_core": dense_core,
+           "stage_temp_bytes": stage_temp, "sea_core_temp_bytes": sea_temp,
+           "dense_core_temp_bytes": dense_temp,
            "sea_model": model_time(student, window, args.repeats),
            "dense_model": model_time(dense, window, args.repeats)}
     rows.append(row)
@@ -184,6 +195,14 @@ def main() -> None:
                  + f" | {ms(sum(r['stages'].values()))} | {ms(r['sea_core'])} | "
                  f"{ms(r['dense_core'])} | {ms(r['sea_model'])} | {ms(r['dense_model'])} | "
                  f"{ms(rest)} |")
+  mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
+  lines += ["", "Compiled temp MiB of the same jitted calls (one layer's attention):", "",
+            "| T | " + " | ".join(names) + " | SEA core | dense core | SEA/dense |",
+            "|---" * (len(names) + 4) + "|"]
+  for r in rows:
+    lines.append(f"| {r['T']:,} | " + " | ".join(mib(r["stage_temp_bytes"][n]) for n in names)
+                 + f" | {mib(r['sea_core_temp_bytes'])} | {mib(r['dense_core_temp_bytes'])} | "
+                 f"{r['sea_core_temp_bytes'] / max(r['dense_core_temp_bytes'], 1):.1f}x |")
   report_files.publish(__file__, "\n".join(lines), args.out_md, args.out_json, {"rows": rows})
 
 
