@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.timing import best_time  # noqa: E402
+from bench.timing import compiled_time_and_temp  # noqa: E402
 from sea_jax.ops.pooled_keys import pooled_key_logits  # noqa: E402
 
 OP_FILE = "sea_jax/ops/pooled_keys.py"
@@ -61,10 +61,10 @@ def main(argv=None) -> int:
     cells, outs, times = [], [], []
     for op in ops.values():
       f = jax.jit(lambda q, k, op=op: op(q, k, args.K))
-      temp = f.lower(q, k).compile().memory_analysis().temp_size_in_bytes / 2**20
-      times.append(best_time(f, (q, k), args.iters) * 1e3)
+      seconds, temp = compiled_time_and_temp(f, (q, k), args.iters)
+      times.append(seconds * 1e3)
       outs.append(np.asarray(f(q, k)))
-      cells += [f"{times[-1]:,.1f}", f"{temp:,.0f}"]
+      cells += [f"{times[-1]:,.1f}", f"{temp / 2**20:,.0f}"]
     if args.against:
       cells += [f"{times[1] / times[0]:.2f}x", f"{np.max(np.abs(outs[0] - outs[1])):.1e}"]
     print(f"| {T:,} | " + " | ".join(cells) + " |", flush=True)

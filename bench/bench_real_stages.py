@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench import report_files  # noqa: E402
-from bench.timing import best_time  # noqa: E402
+from bench.timing import best_time, compiled_time_and_temp  # noqa: E402
 
 
 def layer_inputs(model, window, layer: int):
@@ -54,12 +54,6 @@ def layer_inputs(model, window, layer: int):
     return q.astype(x.dtype), k, v
 
   return run(window)
-
-
-def temp_bytes(fn, args) -> int:
-  """XLA's compiled temporary bytes of the jitted `fn` on `args` (what one call allocates
-  besides its inputs and outputs)."""
-  return fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
 def stage_times(core, q, k, v, repeats: int) -> tuple[dict[str, float], dict[str, int]]:
@@ -123,8 +117,9 @@ def stage_times(core, q, k, v, repeats: int) -> tuple[dict[str, float], dict[str
     calls["pooled keys"] = (pooled, (pstate, cnn_logits, q, k))
   calls.update({"top-k": (topk, (logits,)), "sparse": (sparse, (q, k, v, mask)),
                 "mix": (mix, (c_sparse, v, s_prob, s_mix))})
-  return ({name: best_time(fn, a, repeats) for name, (fn, a) in calls.items()},
-          {name: temp_bytes(fn, a) for name, (fn, a) in calls.items()})
+  measured = {name: compiled_time_and_temp(fn, a, repeats) for name, (fn, a) in calls.items()}
+  return ({name: m[0] for name, m in measured.items()},
+          {name: m[1] for name, m in measured.items()})
 
 
 def core_time(core, q, k, v, repeats: int) -> tuple[float, int]:
@@ -133,7 +128,7 @@ def core_time(core, q, k, v, repeats: int) -> tuple[float, int]:
   from flax import nnx
   graph, state = nnx.split(core)
   fn = jax.jit(lambda s, q, k, v: nnx.merge(graph, s)(q, k, v)[0])
-  return best_time(fn, (state, q, k, v), repeats), temp_bytes(fn, (state, q, k, v))
+  return compiled_time_and_temp(fn, (state, q, k, v), repeats)
 
 
 def model_time(model, window, repeats: int) -> float:
