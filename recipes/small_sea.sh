@@ -107,9 +107,11 @@ if [[ ! -s "$R/coverage_heldout.json" ]]; then  # the kept mask's coverage at th
 fi
 stage pictures
 echo "== pictures: what the distilled SEA student keeps, against its teacher" >&2
-python -m sea_jax.visualize --model "$OUT/sea/final" --teacher "$OUT/teacher/final" \
-  --text-file "$DATA/heldout.txt" --max-tokens "${VIS_TOKENS:-$SEQ}" \
-  --sea-k "$SEA_k" --out "$OUT/pictures"
+if [[ ! -s "$OUT/pictures/summary.json" ]]; then  # written last: a finished set is not redrawn
+  python -m sea_jax.visualize --model "$OUT/sea/final" --teacher "$OUT/teacher/final" \
+    --text-file "$DATA/heldout.txt" --max-tokens "${VIS_TOKENS:-$SEQ}" \
+    --sea-k "$SEA_k" --out "$OUT/pictures"
+fi
 stage report
 python recipes/make_results.py --run "$OUT" --trained-k "$SEA_k" --out "$OUT/report"
 

@@ -11,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pathlib  # noqa: E402
 import zlib  # noqa: E402
 
+import sea_jax  # noqa: E402,F401  (its XLA defaults, before any test starts a backend)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

@@ -27,17 +27,24 @@ def shared(tmp_path_factory):
   return root, teacher, text, gguf_file
 
 
+def _cache(shared):
+  """The module's one JAX compilation cache: every train.py run here compiles the same step."""
+  return shared[0] / "jax-cache"
+
+
 # ---------------------------------------------------------------- one writer per run folder
 
 
 def test_a_second_run_on_a_live_run_folder_is_refused_at_once(shared, tmp_path):
   _, teacher, text, _ = shared
   out = tmp_path / "run"
-  first = ts.start_train(ts.distill_args(teacher, text, out, mesh=None), devices=1, pause=3)
+  first = ts.start_train(ts.distill_args(teacher, text, out, mesh=None), devices=1,
+                         cache_dir=_cache(shared), pause=3)
   try:
     ts.wait_for(lambda: len(ts.read_metrics(out)) >= 1, first)
     started = time.time()
-    second = ts.run_train(ts.distill_args(teacher, text, out, mesh=None), devices=1, check=False,
+    second = ts.run_train(ts.distill_args(teacher, text, out, mesh=None), devices=1,
+                          cache_dir=_cache(shared), check=False,
                           timeout=60)
     assert time.time() - started < 15
     assert_one_line_error(second, "in use by train.py")
@@ -53,13 +60,13 @@ def test_a_killed_runs_lock_is_taken_over(shared, tmp_path):
   _, teacher, text, _ = shared
   out = tmp_path / "run"
   first = ts.start_train(ts.distill_args(teacher, text, out, extra=["--save-every", 1], mesh=None),
-                         devices=1, pause=2)
+                         devices=1, cache_dir=_cache(shared), pause=2)
   ts.wait_for(lambda: 1 in ts.checkpoint_steps(out), first)
   first.send_signal(signal.SIGKILL)
   first.wait(timeout=60)
   assert (out / ".lock").exists()  # left behind by the killed run
   # the OS dropped the killed run's flock
-  ts.run_train(ts.distill_args(teacher, text, out, mesh=None), devices=1)
+  ts.run_train(ts.distill_args(teacher, text, out, mesh=None), devices=1, cache_dir=_cache(shared))
   steps = [r["step"] for r in ts.read_metrics(out)]
   assert steps == [1, 2, 3, 4]
 
@@ -73,7 +80,8 @@ def test_train_into_a_folder_of_the_users_files_touches_nothing(shared, tmp_path
   out.mkdir()
   (out / "notes.txt").write_text("my notes\n")
   before = tree_digest(out)
-  proc = ts.run_train(ts.distill_args(teacher, text, out, mesh=None), devices=1, check=False)
+  proc = ts.run_train(ts.distill_args(teacher, text, out, mesh=None), devices=1,
+                      cache_dir=_cache(shared), check=False)
   assert_one_line_error(proc, "did not write")
   assert tree_digest(out) == before
 
@@ -191,12 +199,13 @@ def test_sea_K_beyond_the_models_positions_is_refused_before_allocating(shared, 
 def test_a_damaged_metrics_file_is_reported_before_anything_is_rewritten(shared, tmp_path):
   _, teacher, text, _ = shared
   out = tmp_path / "run"
-  ts.run_train(ts.distill_args(teacher, text, out, steps=2, mesh=None), devices=1)
+  ts.run_train(ts.distill_args(teacher, text, out, steps=2, mesh=None), devices=1,
+               cache_dir=_cache(shared))
   with open(out / "metrics.jsonl", "a") as f:
     f.write('{"step": "four"}\n')
   before = tree_digest(out)
   proc = ts.run_train(ts.distill_args(teacher, text, out, steps=4, mesh=None), devices=1,
-                      check=False)
+                      cache_dir=_cache(shared), check=False)
   assert_one_line_error(proc, "metrics.jsonl line 3")
   assert tree_digest(out) == before
 

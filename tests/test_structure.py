@@ -1,7 +1,7 @@
 """The house: every import of the package (module level and inside functions) runs down the
 floors, never up, and no two modules import each other through any path.
 
-Floors, lowest first: base (errors, config, layers, rope, sharding, safe_write) < ops (pure
+Floors, lowest first: base (errors, config, layers, rope, sharding, safe_write, xla_defaults) < ops (pure
 attention functions and mask geometry) < kernels (pallas_kernels) < sea (SEA's modules) < seam
 (attention.py) < models (decoder, opt, llama) < io (hf_io, gguf_io, families, data,
 checkpoint, bundle) < tasks (losses, flags, evaluate, generate, visualize, convert, training).
@@ -16,7 +16,7 @@ from conftest import REPO
 FLOORS = ("base", "ops", "kernels", "sea", "seam", "models", "io", "tasks")
 BY_NAME = {
     "base": ("sea_jax.errors", "sea_jax.config", "sea_jax.layers", "sea_jax.rope",
-             "sea_jax.sharding", "sea_jax.safe_write", "sea_jax"),
+             "sea_jax.sharding", "sea_jax.safe_write", "sea_jax.xla_defaults", "sea_jax"),
     "seam": ("sea_jax.attention",),
     "models": ("sea_jax.decoder", "sea_jax.opt", "sea_jax.llama"),
     "io": ("sea_jax.hf_io", "sea_jax.gguf_io", "sea_jax.families", "sea_jax.data",

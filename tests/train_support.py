@@ -44,11 +44,17 @@ def child_env(devices: int, cache_dir: pathlib.Path | None = None) -> dict:
   env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
   env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  if cache_dir is not None:  # identical programs across runs compile once
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  if cache_dir is not None:
+    env.update(compile_cache_env(cache_dir))
   return env
+
+
+def compile_cache_env(cache_dir: pathlib.Path) -> dict:
+  """Variables that give subprocesses one JAX compilation cache: identical programs across
+  runs (a resumed run, the same model on a second text) compile once."""
+  return dict(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 def train_cmd(*args, pause: float = 0.0) -> list[str]:
