@@ -54,9 +54,10 @@ print(json.dumps({"tokens_per_s": wins.size / best, "temp_bytes": int(temp),
 """
 
 
-def measure(path: str, T: int, windows: int, repeats: int) -> dict:
+def measure(path: str, T: int, windows: int, repeats: int, env: dict | None = None) -> dict:
+  """One (model, T) in a fresh process (env: its environment, default this one's)."""
   proc = subprocess.run([sys.executable, "-c", CHILD, REPO, path, str(T), str(windows),
-                         str(repeats)], capture_output=True, text=True, cwd=REPO)
+                         str(repeats)], capture_output=True, text=True, cwd=REPO, env=env)
   if proc.returncode != 0:
     return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
   return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,76 @@
+"""XLA's two CPU instruction orders side by side on the real pair: compiled temp and eval
+tokens/s of SmolLM2-135M and its SEA student under the concurrency-optimized order (XLA's
+default) and the memory-aware order (sea-jax's default, `sea_jax/xla_defaults.py`).
+
+  python bench/bench_xla_order.py [--lengths 1024 2048 8192] [--student FOLDER] [--out-md FILE]
+
+Each (model, T, order) runs `bench_real_pair`'s child in a fresh process with XLA_FLAGS naming
+the order (one WikiText-2 test window, gptq protocol, best of --repeats after a compile).
+Prints a Markdown table (device, versions, date) with the ratios memory/concurrency.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench import report_files  # noqa: E402
+from bench.bench_real_pair import measure  # noqa: E402
+from sea_jax.xla_defaults import CPU_SCHEDULER_FLAG  # noqa: E402
+
+ORDERS = {"concurrency": "true", "memory": "false"}
+
+
+def order_env(value: str) -> dict:
+  """This environment with XLA_FLAGS naming the scheduler flag's value (other flags kept)."""
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith(CPU_SCHEDULER_FLAG)]
+  return dict(os.environ, XLA_FLAGS=" ".join(kept + [f"{CPU_SCHEDULER_FLAG}={value}"]))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--dense", default="smollm2-135m", help="the dense model (default: the GGUF)")
+  p.add_argument("--student", help="the SEA student folder (default: the bundled student)")
+  p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 8192])
+  p.add_argument("--repeats", type=int, default=2, help="timed passes; the best is kept")
+  p.add_argument("--out-md", help="also write the table here")
+  p.add_argument("--out-json", help="also write the rows here")
+  args = p.parse_args()
+  report_files.claim(__file__, args.out_md, args.out_json)
+  if args.student is None:
+    from sea_jax import bundle
+    args.student = bundle.student_folder()
+  rows = []
+  for T in args.lengths:
+    for name, path in (("dense", args.dense), ("SEA", args.student)):
+      row = {"model": name, "T": T}
+      for order, value in ORDERS.items():
+        row[order] = measure(path, T, 1, args.repeats, env=order_env(value))
+      rows.append(row)
+      print(json.dumps(row), file=sys.stderr, flush=True)
+  mib = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
+  lines = [f"{report_files.device_line()}; one WikiText-2 test window (gptq) per row, best of "
+           f"{args.repeats}.", "",
+           "| model | T | temp MiB, concurrency | temp MiB, memory | memory/concurrency temp | "
+           "tok/s, concurrency | tok/s, memory | memory/concurrency speed |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    c, m = r["concurrency"], r["memory"]
+    if "error" in c or "error" in m:
+      lines.append(f"| {r['model']} | {r['T']:,} | {c.get('error', '')} | "
+                   f"{m.get('error', '')} |" + " |" * 4)
+      continue
+    lines.append(f"| {r['model']} | {r['T']:,} | {mib(c['temp_bytes'])} | "
+                 f"{mib(m['temp_bytes'])} | {m['temp_bytes'] / c['temp_bytes']:.2f}x | "
+                 f"{c['tokens_per_s']:.0f} | "
+                 f"{m['tokens_per_s']:.0f} | {m['tokens_per_s'] / c['tokens_per_s']:.2f}x |")
+  report_files.publish(__file__, "\n".join(lines), args.out_md, args.out_json, {"rows": rows})
+
+
+if __name__ == "__main__":
+  main()
