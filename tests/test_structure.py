@@ -1,10 +1,11 @@
 """The house: every import of the package (module level and inside functions) runs down the
 floors, never up, and no two modules import each other through any path.
 
-Floors, lowest first: base (errors, config, layers, rope, sharding, safe_write, xla_defaults) < ops (pure
-attention functions and mask geometry) < kernels (pallas_kernels) < sea (SEA's modules) < seam
-(attention.py) < models (decoder, opt, llama) < io (hf_io, gguf_io, families, data,
-checkpoint, bundle) < tasks (losses, flags, evaluate, generate, visualize, convert, training).
+Floors, lowest first: base (errors, config, layers, rope, sharding, safe_write,
+xla_defaults) < ops (pure attention functions and mask geometry) < kernels (pallas_kernels) <
+sea (SEA's modules) < seam (attention.py) < models (decoder, opt, llama) < io (hf_io, gguf_io,
+families, data, checkpoint, bundle) < tasks (losses, flags, evaluate, generate, visualize,
+convert, training).
 """
 from __future__ import annotations
 
