@@ -8,9 +8,9 @@ across the whole forward: the compiled temp of a 30-layer SEA model grows with i
 memory-aware order keeps one layer's buffers alive at a time. Measured on SmolLM2-135M's SEA
 student, one eval window of 2,048 tokens (2 CPU cores): 1,036 against 130 MiB of compiled temp
 (dense SmolLM2: 172 against 102 MiB); tests/test_sea_memory.py checks that a SEA model's temp
-does not grow with its depth. The cost is speed on short windows: at T = 1,024 the eval step
-is 1.15-1.34x slower; from 2,048 up the two orders are within run-to-run noise (BENCHMARKS.md,
-"The CPU scheduler").
+does not grow with its depth. The cost is speed on short windows: at T = 1,024 the dense
+model's eval step runs at 0.75-0.82x (the student's at 0.83-0.99x); from 2,048 up the two
+orders are within run-to-run noise (BENCHMARKS.md, "The CPU scheduler").
 
 The flag is CPU-only (GPU and TPU compilers ignore it). A value already in XLA_FLAGS wins, so
 `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=true` restores XLA's default. It
