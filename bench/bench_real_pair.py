@@ -63,21 +63,35 @@ def measure(path: str, T: int, windows: int, repeats: int, env: dict | None = No
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def pair_parser(doc: str, lengths: list[int]) -> argparse.ArgumentParser:
+  """A real-pair bench's parser: --dense, --student, --lengths, --repeats, --out-md,
+  --out-json (`parse_pair_args` reads it)."""
+  p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
   p.add_argument("--dense", default="smollm2-135m", help="the dense model (default: the GGUF)")
   p.add_argument("--student", help="the SEA student folder (default: the bundled student, "
                  "sea_jax/assets/models/smollm2-135m-sea.tar.xz, unpacked)")
-  p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-  p.add_argument("--windows", type=int, default=1, help="timed windows per (model, T)")
+  p.add_argument("--lengths", type=int, nargs="+", default=lengths)
   p.add_argument("--repeats", type=int, default=2, help="timed passes; the best is kept")
   p.add_argument("--out-md", help="also write the table here")
   p.add_argument("--out-json", help="also write the rows here")
+  return p
+
+
+def parse_pair_args(p: argparse.ArgumentParser, script: str) -> argparse.Namespace:
+  """Parses `pair_parser`'s flags, claims the output files for `script` before any work, and
+  unpacks the bundled student when --student is not given."""
   args = p.parse_args()
-  report_files.claim(__file__, args.out_md, args.out_json)
+  report_files.claim(script, args.out_md, args.out_json)
   if args.student is None:
     from sea_jax import bundle
     args.student = bundle.student_folder()
+  return args
+
+
+def main() -> None:
+  p = pair_parser(__doc__, [1024, 2048, 4096, 8192])
+  p.add_argument("--windows", type=int, default=1, help="timed windows per (model, T)")
+  args = parse_pair_args(p, __file__)
   rows = []
   for T in args.lengths:
     dense = measure(args.dense, T, args.windows, args.repeats)

@@ -10,7 +10,6 @@ Prints a Markdown table (device, versions, date) with the ratios memory/concurre
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -19,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench import report_files  # noqa: E402
-from bench.bench_real_pair import measure  # noqa: E402
+from bench.bench_real_pair import measure, pair_parser, parse_pair_args  # noqa: E402
 from sea_jax.xla_defaults import CPU_SCHEDULER_FLAG  # noqa: E402
 
 ORDERS = {"concurrency": "true", "memory": "false"}
@@ -33,18 +32,7 @@ def order_env(value: str) -> dict:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--dense", default="smollm2-135m", help="the dense model (default: the GGUF)")
-  p.add_argument("--student", help="the SEA student folder (default: the bundled student)")
-  p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 8192])
-  p.add_argument("--repeats", type=int, default=2, help="timed passes; the best is kept")
-  p.add_argument("--out-md", help="also write the table here")
-  p.add_argument("--out-json", help="also write the rows here")
-  args = p.parse_args()
-  report_files.claim(__file__, args.out_md, args.out_json)
-  if args.student is None:
-    from sea_jax import bundle
-    args.student = bundle.student_folder()
+  args = parse_pair_args(pair_parser(__doc__, [1024, 2048, 8192]), __file__)
   rows = []
   for T in args.lengths:
     for name, path in (("dense", args.dense), ("SEA", args.student)):
