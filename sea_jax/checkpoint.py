@@ -29,6 +29,7 @@ from sea_jax import sharding as shd
 from sea_jax.config import ConfigError, config_from_hf_dict, load_config
 from sea_jax.errors import UserError
 from sea_jax.families import model_class, name_table
+from sea_jax.layers import SeedKeys
 
 PARAMS_DIR = "params"
 FRESH_OK_MARKERS = ("core",)  # subtrees an attention swap may add (the attention core's own state)
@@ -84,16 +85,22 @@ def build_model(config, rngs: nnx.Rngs):
   return model_class(config)(config, rngs=rngs)
 
 
+def seeded_model(config):
+  """The model of `config` with the initial values `nnx.Rngs(config.sea.seed)` would draw, at a
+  tracing cost linear in its parameter count (`layers.SeedKeys`)."""
+  return build_model(config, SeedKeys(config.sea.seed))
+
+
 def abstract_model(config) -> tuple[nnx.GraphDef, nnx.State]:
   """The model's graph and its state as ShapeDtypeStructs (nothing allocated)."""
-  model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(config.sea.seed)))
+  model = nnx.eval_shape(lambda: seeded_model(config))
   return nnx.split(model)
 
 
 def init_state(config, mesh: Mesh | None = None) -> nnx.State:
   """A freshly initialised state, created directly in its sharding when a mesh is given."""
   def init():
-    return nnx.state(build_model(config, nnx.Rngs(config.sea.seed)))
+    return nnx.state(seeded_model(config))
   if mesh is None:
     return jax.jit(init)()
   _, abstract = abstract_model(config)
@@ -312,7 +319,7 @@ def open_source(path: str):
   from sea_jax import gguf_io
   gguf_path = gguf_io.resolve_gguf(path)
   if gguf_path is not None:
-    return gguf_io.GGUFModel(gguf_path)
+    return gguf_io.open_gguf(gguf_path)
   return hf_io.HFFolder(hf_io.resolve_source(path))
 
 
@@ -361,7 +368,7 @@ def model_tokenizer(path: str):
   from sea_jax import gguf_io
   gguf_path = gguf_io.resolve_gguf(path)
   if gguf_path is not None:
-    return gguf_io.GGUFModel(gguf_path).tokenizer()
+    return gguf_io.open_gguf(gguf_path).tokenizer()
   return data.load_tokenizer(None)
 
 

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,6 +49,26 @@ def test_student_keeps_dense_weights_and_adds_seeded_sea_modules(dense_folder):
   s3 = flat_params(checkpoint.load_model(str(dense_folder / "dense"), attention="sea",
                                          sea_K=16, sea_seed=8))
   assert any(not np.array_equal(np.asarray(s3[p]), np.asarray(s1[p])) for p in sea_paths)
+
+
+def test_seed_keys_build_the_model_nnx_rngs_builds():
+  """`checkpoint.seeded_model` (layers.SeedKeys, a Python counter) gives every parameter the
+  value an nnx.Rngs of the same seed gives it, bitwise: the fast build changes no model."""
+  from sea_jax.config import OPTConfig
+  from sea_jax.layers import SeedKeys
+  config = OPTConfig(vocab_size=96, hidden_size=32, num_attention_heads=4, ffn_dim=64,
+                     num_hidden_layers=2, max_position_embeddings=64, attention="sea",
+                     sea=SEAConfig(K=16, k=4, seed=11))
+  fast = flat_params(checkpoint.seeded_model(config))
+  slow = flat_params(checkpoint.build_model(config, nnx.Rngs(11)))
+  assert set(fast) == set(slow) and len(fast) > 20
+  for p in slow:
+    np.testing.assert_array_equal(np.asarray(fast[p]), np.asarray(slow[p]), err_msg=p)
+  keys = SeedKeys(3)
+  rngs = nnx.Rngs(3)
+  for _ in range(3):
+    np.testing.assert_array_equal(jax.random.key_data(keys.params()),
+                                  jax.random.key_data(rngs.params()))
 
 
 def test_attention_layers_selects_which_layers_swap(dense_folder):

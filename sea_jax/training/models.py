@@ -53,7 +53,7 @@ class ModelBridge:
     self.config = config
     self.trainable = trainable
     self._filter = trainable_filter(trainable)
-    model = nnx.eval_shape(lambda: ckpt.build_model(config, nnx.Rngs(config.sea.seed)))
+    model = nnx.eval_shape(lambda: ckpt.seeded_model(config))
     self.graphdef, self._params, self._rest = nnx.split(model, self._filter, ...)
     self.abstract_params = nnx.to_pure_dict(self._params)
     self.abstract_rest = nnx.to_pure_dict(self._rest)
