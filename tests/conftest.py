@@ -9,21 +9,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pathlib  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
 import zlib  # noqa: E402
-
-# One JAX compilation cache for the whole session: the in-process tests and every command the
-# tests run as a subprocess (eval, train, convert, generate on the same tiny models, again and
-# again) compile an identical program once. The controller creates it before xdist starts its
-# workers, which inherit the variables. A size limit turns on the cache's file lock, so one
-# process never reads an entry that another is still writing.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sea-jax-tests-jit-")
-  os.environ["SEA_JAX_TESTS_OWN_JIT_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 import sea_jax  # noqa: E402,F401  (its XLA defaults, before any test starts a backend)
 
@@ -63,20 +49,16 @@ def relative_error(got, want) -> float:
   return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-def pytest_unconfigure(config):
-  """The session's compilation cache goes when the session ends (the controller made it)."""
-  own = os.environ.get("SEA_JAX_TESTS_OWN_JIT_CACHE")
-  if own and not hasattr(config, "workerinput"):
-    shutil.rmtree(own, ignore_errors=True)
-
-
-# The files that take minutes, longest first (per-file totals of a --durations=0 run,
-# 2026-12-07). Under `-n 2 --dist loadfile` a worker takes the next file in collection order
-# as it frees up; in alphabetical order the recipe files came last and one worker ran them
-# alone for the final 6 minutes of a 33-minute run. Longest first keeps the two workers even.
+# Test files longest first (per-file totals of a --durations=0 run, 2026-12-07; files not named
+# here, each under a minute, follow in alphabetical order). Under `-n 2 --dist loadfile` a worker
+# takes the next file in collection order as it frees up; in alphabetical order the recipe files
+# came last and one worker ran them alone for the final 6 minutes of a 33-minute run. Longest
+# first (LPT scheduling) leaves only short files for the end, so the two workers finish together.
 LONG_FILES = ("test_train.py", "test_llama.py", "test_sea_pieces.py", "test_sparse_gqa.py",
               "test_hostile_round2.py", "test_hostile_input.py", "test_smollm2.py",
-              "test_recipe.py", "test_generate.py", "test_sea_decode.py")
+              "test_recipe.py", "test_generate.py", "test_sea_decode.py", "test_sea_layer.py",
+              "test_sea_model.py", "test_sea_sharded.py", "test_train_multihost.py",
+              "test_sea_memory.py", "test_eval.py", "test_blocked_attention.py", "test_gguf.py")
 
 
 def pytest_collection_modifyitems(config, items):
