@@ -47,27 +47,3 @@ def relative_error(got, want) -> float:
   got = np.asarray(got, np.float64)
   want = np.asarray(want, np.float64)
   return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
-
-
-# Test files longest first (per-file totals of a --durations=0 run, 2026-12-07; the files not
-# named here, each under a minute, follow alphabetically). Under `-n 2 --dist loadfile` a worker
-# takes the next file as it frees up. xdist's own order (most tests first) handed out the two
-# recipe files, one or two tests each and 4-6 minutes long, last: one worker ran them alone for
-# the final 6 minutes of a 33-minute run. Longest first (LPT scheduling) leaves the short files
-# for the end, so the two workers finish together.
-LONG_FILES = ("test_train.py", "test_llama.py", "test_sea_pieces.py", "test_sparse_gqa.py",
-              "test_hostile_round2.py", "test_hostile_input.py", "test_smollm2.py",
-              "test_recipe.py", "test_generate.py", "test_sea_decode.py", "test_sea_layer.py",
-              "test_sea_model.py", "test_sea_sharded.py", "test_train_multihost.py",
-              "test_sea_memory.py", "test_eval.py", "test_blocked_attention.py", "test_gguf.py")
-
-
-def pytest_configure(config):
-  # xdist sorts the files by their number of tests unless told not to; keep LONG_FILES' order.
-  if hasattr(config.option, "loadscopereorder"):
-    config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(LONG_FILES)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable
