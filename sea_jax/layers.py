@@ -15,7 +15,8 @@ Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
 
 class SeedKeys:
-  """The keys `nnx.Rngs(seed).params()` draws (the i-th is fold_in(key(seed), i)), counted in Python.
+  """The keys `nnx.Rngs(seed).params()` draws (the i-th is fold_in(key(seed), i)), counted in
+  Python.
 
   Building a model under a trace (`nnx.eval_shape`, `jax.jit`) with an `nnx.Rngs` stages one
   counter update per parameter, and flax 0.12.8 asks each update's tracer for its sharding, which
@@ -34,8 +35,8 @@ class SeedKeys:
     return key
 
 
-def param(rngs: nnx.Rngs | SeedKeys, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
-          dtype=jnp.float32) -> nnx.Param:
+def param(rngs: nnx.Rngs | SeedKeys, init: Initializer, shape: Sequence[int],
+          axes: Sequence[str | None], dtype=jnp.float32) -> nnx.Param:
   """A parameter of `shape` with one logical axis name per dimension (None = replicated)."""
   if len(axes) != len(shape):
     raise ValueError(f"parameter of shape {tuple(shape)} got {len(axes)} axis names {tuple(axes)}")
