@@ -97,10 +97,13 @@ def test_greedy_equals_transformers_generate(family):
 def full_forward_logits(model, ids, mask):
   """Logits of the whole left-padded sequence with Hugging Face's generate positions."""
   ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+  # jitted: an eager forward compiles every `lax.scan` of the attention again on each call
   if model.config.family == "llama":
     positions = jnp.where(mask > 0, jnp.cumsum(mask, axis=1) - 1, 0)
-    return np.asarray(model(ids, mask, position_ids=positions).logits)
-  return np.asarray(model(ids, mask).logits)
+    forward = nnx.jit(lambda m, ids, mask: m(ids, mask, position_ids=positions).logits)
+  else:
+    forward = nnx.jit(lambda m, ids, mask: m(ids, mask).logits)
+  return np.asarray(forward(model, ids, mask))
 
 
 def test_cached_logits_equal_full_forward_and_decode_compiles_once(family):

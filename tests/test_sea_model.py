@@ -77,15 +77,17 @@ def test_attention_layers_selects_which_layers_swap(dense_folder):
   kinds = [type(layer.self_attn.core).__name__ for layer in model.layers]
   assert kinds == ["DenseAttention", "SEAAttention"]
   ids = jnp.asarray(np.random.default_rng(current_seed()).integers(0, 50272, (2, 40)))
-  out = model(ids, sea_k=4, return_attn_aux=True)
-  assert "est_probs" not in out.attn_aux[0] and out.attn_aux[1]["est_probs"].shape == (2, 4, 40, 16)
+  aux = nnx.jit(lambda m, x: m(x, sea_k=4, return_attn_aux=True).attn_aux)(model, ids)
+  assert "est_probs" not in aux[0] and aux[1]["est_probs"].shape == (2, 4, 40, 16)
 
 
 def test_k_is_a_call_argument_and_bad_k_is_an_error(dense_folder):
   model = checkpoint.load_model(str(dense_folder / "dense"), attention="sea", sea_K=16)
   ids = jnp.asarray(np.random.default_rng(current_seed()).integers(0, 50272, (1, 64)))
-  kept = [int(model(ids, sea_k=k, return_attn_aux=True).attn_aux[0]["compressed_mask"].sum())
-          for k in (2, 8)]
+  # jitted once, k traced (an eager forward compiles every scan of the SEA layer per call)
+  kept_of = nnx.jit(lambda m, x, k: m(x, sea_k=k, return_attn_aux=True).attn_aux[0]
+                    ["compressed_mask"].sum())
+  kept = [int(kept_of(model, ids, jnp.int32(k))) for k in (2, 8)]
   assert kept[0] < kept[1]
   with pytest.raises((ValueError, ConfigError), match="k"):
     model(ids, sea_k=0)

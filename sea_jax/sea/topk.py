@@ -86,6 +86,7 @@ def _ordered_key(x: jax.Array) -> jax.Array:
   return jnp.where(x == 0, top, jnp.where(bits >= top, ~bits, bits | top))
 
 
+@jax.jit  # eager calls (tests, pictures) would otherwise compile the bit loop on every call
 def _keep_by_select(score: jax.Array, budget: jax.Array) -> jax.Array:
   """bool (N,T,n): the budget[n,t] largest scores of each row, equal scores going to the lower
   index, i.e. the first c_t of the (score descending, index ascending) order: exactly what a
