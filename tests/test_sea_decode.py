@@ -21,11 +21,6 @@ from sea_jax.sea.decode import attend_kept, kept_key_bound, kept_pairs, to_left_
 from sea_jax.sea.estimator import HISTORY_ROWS, MaskCNN, history_at
 from sea_jax.sea.topk import grouped_topk_row
 
-# The pieces under test run eagerly op by op unless jitted, and an eager `lax.fori_loop` (the
-# top-k's threshold search) traces and compiles its body again on every call: jit them once.
-topk_mask = jax.jit(grouped_topk_mask, static_argnums=1)
-topk_row = jax.jit(grouped_topk_row, static_argnums=2)
-
 
 def kept_per_row(mask: np.ndarray) -> np.ndarray:
   """(N, T) kept (head, key) pairs per row of a compressed mask (N,H,T,K)."""
@@ -39,7 +34,7 @@ def test_kept_key_bound_holds_and_is_reached(H, T, K, k):
   rng, seed = make_rng()
   bound = kept_key_bound(T, H, K, k)
   for _ in range(3):
-    mask = np.asarray(topk_mask(jnp.asarray(random_probs(rng, 2, H, T, K)), k))
+    mask = np.asarray(grouped_topk_mask(jnp.asarray(random_probs(rng, 2, H, T, K)), k))
     assert kept_per_row(mask).max() <= bound, seed
   # widest-first scores: wide bins (width ceil) first, so the top c_t cells are the widest
   t = np.arange(T)[:, None]
@@ -47,14 +42,14 @@ def test_kept_key_bound_holds_and_is_reached(H, T, K, k):
   starts = (2 * b * (t + 1) + K) // (2 * K)
   widths = (2 * (b + 1) * (t + 1) + K) // (2 * K) - starts
   probs = np.broadcast_to((widths + 1e-3 * rng.random((H, T, K)))[None], (1, H, T, K))
-  mask = np.asarray(topk_mask(jnp.asarray(probs, jnp.float32), k))
+  mask = np.asarray(grouped_topk_mask(jnp.asarray(probs, jnp.float32), k))
   assert kept_per_row(mask).max() == bound, seed
 
 
 @pytest.mark.parametrize("H,T,K,k", [(3, 45, 8, 2), (2, 130, 16, 5)])
 def test_kept_pairs_are_exactly_the_rows_kept_keys(H, T, K, k):
   rng, seed = make_rng()
-  mask = topk_mask(jnp.asarray(random_probs(rng, 2, H, T, K)), k)
+  mask = grouped_topk_mask(jnp.asarray(random_probs(rng, 2, H, T, K)), k)
   dense = np.asarray(expand_mask(mask, T))  # (N, H, T, T)
   bound = kept_key_bound(T, H, K, k)
   for t in rng.choice(T, 12, replace=False):
@@ -71,14 +66,14 @@ def test_one_row_topk_equals_the_sequence_topk():
   rng, seed = make_rng()
   N, H, T, K, k = 3, 4, 90, 16, 3
   probs = jnp.asarray(random_probs(rng, N, H, T, K))
-  mask = np.asarray(topk_mask(probs, k))
+  mask = np.asarray(grouped_topk_mask(probs, k))
   for t in (0, 5, 15, 16, 40, 89):
     ts = jnp.asarray([t, t, t], jnp.int32)
-    got = np.asarray(topk_row(probs[:, :, t], ts, k))
+    got = np.asarray(grouped_topk_row(probs[:, :, t], ts, k))
     np.testing.assert_array_equal(got, mask[:, :, t], err_msg=f"seed {seed} row {t}")
   # different rows per batch element
   ts = jnp.asarray([3, 40, 77], jnp.int32)
-  got = np.asarray(topk_row(probs[jnp.arange(N), :, ts], ts, k))
+  got = np.asarray(grouped_topk_row(probs[jnp.arange(N), :, ts], ts, k))
   np.testing.assert_array_equal(got, mask[np.arange(N), :, np.asarray(ts)])
 
 
@@ -89,7 +84,7 @@ def test_attention_over_kept_pairs_equals_the_sparse_row_with_left_padding():
   q = jnp.asarray(rng.standard_normal((N, H, T, d)) * 0.5, jnp.float32)
   kk = jnp.asarray(rng.standard_normal((N, Hkv, T, d)), jnp.float32)
   v = jnp.asarray(rng.standard_normal((N, Hkv, T, d)), jnp.float32)
-  mask = topk_mask(jnp.asarray(random_probs(rng, N, H, T, K)), k)
+  mask = grouped_topk_mask(jnp.asarray(random_probs(rng, N, H, T, K)), k)
   want = np.asarray(sparse_attention_reference(q, kk, v, mask))
   L = T + 9
   bound = kept_key_bound(L, H, K, k)
