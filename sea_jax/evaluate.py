@@ -12,7 +12,7 @@ import os
 import resource
 import sys
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +85,19 @@ def host_peak_rss() -> int:
 def perplexity(model: nnx.Module, windows: np.ndarray, *, batch_size: int, mesh: Mesh,
                sea_k: int | None = None, progress: bool = True, desc: str = "eval") -> EvalResult:
   """Perplexity over `windows` (W, T); batches are split over the mesh's data x fsdp axes."""
+  [(_, result)] = perplexities(model, windows, [sea_k], batch_size=batch_size, mesh=mesh,
+                               progress=progress, desc=desc)
+  return result
+
+
+def perplexities(model: nnx.Module, windows: np.ndarray, ks: Sequence[int | None], *,
+                 batch_size: int, mesh: Mesh, progress: bool = True,
+                 desc: str = "eval") -> Iterator[tuple[int | None, EvalResult]]:
+  """(k, perplexity over `windows` (W, T) at SEA k) for each k of `ks`, as each is done.
+
+  One compile serves the whole list. A single k (None: the model's own) is static in the eval
+  step; several are one traced int32 argument, whose grouped top-k is the exact radix select:
+  the same kept cells as the static path, so the same perplexities (tests/test_sea_model.py)."""
   from tqdm import tqdm
   num_windows = windows.shape[0]
   per_step = shd.batch_shards(mesh)
@@ -92,11 +105,15 @@ def perplexity(model: nnx.Module, windows: np.ndarray, *, batch_size: int, mesh:
     raise ValueError(f"--batch-size {batch_size} must be a multiple of the data x fsdp mesh "
                      f"size {per_step}")
   graphdef, state = nnx.split(model)
+  static_k = ks[0] if len(ks) == 1 else None
 
   @jax.jit
-  def step(state, batch):
+  def step(state, batch, k):
     with shd.ambient(mesh):  # kernels and the tile list run per device shard (`per_shard`)
-      return window_losses(nnx.merge(graphdef, state), batch, sea_k)
+      return window_losses(nnx.merge(graphdef, state), batch, static_k if k is None else k)
+
+  def k_argument(k):
+    return None if len(ks) == 1 else jnp.int32(k)
 
   batch_sharding = shd.batch_sharding(mesh)
 
@@ -108,21 +125,24 @@ def perplexity(model: nnx.Module, windows: np.ndarray, *, batch_size: int, mesh:
     return jax.make_array_from_callback(batch.shape, batch_sharding,
                                         lambda index: batch[index]), real
 
-  compiled = step.lower(state, global_batch(0)[0]).compile()  # every batch has this shape
-  losses = []
-  start = time.perf_counter()  # `seconds` counts evaluation, not compilation
-  bar = tqdm(total=num_windows, desc=desc, unit="win", file=sys.stderr, disable=not progress)
-  for first in range(0, num_windows, batch_size):
-    batch, real = global_batch(first)
-    window_loss = np.asarray(jax.device_get(compiled(state, batch)))[:real]
-    losses.append(window_loss)
-    bar.update(real)
-    bar.set_postfix(ppl=f"{math.exp(float(np.concatenate(losses).mean())):.3f}")
-  bar.close()
-  seconds = time.perf_counter() - start
-  mean_nll = float(np.concatenate(losses).astype(np.float64).mean())
-  return EvalResult(perplexity=math.exp(mean_nll), mean_nll=mean_nll, windows=num_windows,
-                    seconds=seconds)
+  # every batch has this shape, and every k is the same (static or traced) argument
+  compiled = step.lower(state, global_batch(0)[0], k_argument(ks[0])).compile()
+  for k in ks:
+    losses = []
+    start = time.perf_counter()  # `seconds` counts evaluation, not compilation
+    bar = tqdm(total=num_windows, desc=desc if len(ks) == 1 else f"{desc} k={k}", unit="win",
+               file=sys.stderr, disable=not progress)
+    for first in range(0, num_windows, batch_size):
+      batch, real = global_batch(first)
+      window_loss = np.asarray(jax.device_get(compiled(state, batch, k_argument(k))))[:real]
+      losses.append(window_loss)
+      bar.update(real)
+      bar.set_postfix(ppl=f"{math.exp(float(np.concatenate(losses).mean())):.3f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    mean_nll = float(np.concatenate(losses).astype(np.float64).mean())
+    yield k, EvalResult(perplexity=math.exp(mean_nll), mean_nll=mean_nll, windows=num_windows,
+                        seconds=seconds)
 
 
 def parse_k_list(text: str | None) -> list[int | None]:
@@ -267,10 +287,10 @@ def _run_eval(args) -> int:
                      text=None, bos=data.protocol_bos(tokenizer, args.protocol))
       else:
         where = dict(protocol="text-file", split=None, text=text_path, bos=None)
-      for k in (ks if cfg.attention == "sea" else [None]):  # one line per k for SEA only
-        result = perplexity(model, windows, batch_size=batch_size, mesh=mesh, sea_k=k,
-                            progress=not args.no_progress,
-                            desc=f"{os.path.basename(os.path.normpath(path))} {cfg.attention}")
+      sweep = perplexities(model, windows, ks if cfg.attention == "sea" else [None],
+                           batch_size=batch_size, mesh=mesh, progress=not args.no_progress,
+                           desc=f"{os.path.basename(os.path.normpath(path))} {cfg.attention}")
+      for k, result in sweep:  # one line per k for SEA only
         sea_k = (k if k is not None else cfg.sea.k) if cfg.attention == "sea" else None
         line = summary(result, model=path, model_type=getattr(cfg, "model_type", cfg.family),
                        **where, tokenizer=tok_name, seq_len=seq_len,
@@ -303,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
       p, "attention", "sea_k", "sea_K", "sea_pooled_keys", "sparse_impl", "dense_impl", "dtype",
       "mesh",
       sea_k=dict(type=str, metavar="k[,k...]", help="SEA keys per query per head; a comma "
-                 "list sweeps k (one JSON line each). Default: the model's k"))
+                 "list sweeps k (one JSON line each, one compile for the list). Default: the "
+                 "model's k"))
   p.add_argument("--seq-len", type=int,
                  help="window length (default: the model's max positions, at most 2048)")
   p.add_argument("--batch-size", type=int, help="windows per step (default: data x fsdp size)")
