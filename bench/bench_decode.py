@@ -12,6 +12,12 @@ Reported: the median of `--steps` decode steps, tokens/s, the step's compiled te
 
   python bench/bench_decode.py [--contexts 2048 8192 32768] [--steps 20] [--out F]
   python bench/bench_decode.py --family opt --contexts 2000   # opt-125m's shape, up to 2k
+  python bench/bench_decode.py --family real [--dense smollm2-135m] [--student FOLDER]
+
+--family real times the real pair of issue 30: the dense SmolLM2-135M (the installed GGUF) and
+its SEA student (default: the bundled one; 30 layers, 9 query heads over 3 kv heads, head dim
+64, K = 256, k = 64, pooled keys), loaded as `eval.py` loads them. Contexts past the model's
+8,192 positions are timed as well (RoPE extends; a step's cost does not depend on the values).
 """
 from __future__ import annotations
 
@@ -60,9 +66,20 @@ def opt_config(attention: str, T: int) -> OPTConfig:
 FAMILIES = {"llama": (llama_config, 8), "opt": (opt_config, 12)}  # config, query heads
 
 
-def decode_row(attention: str, context: int, steps: int, family: str = "llama") -> dict:
+def build(attention: str, context: int, steps: int, family: str, paths: dict[str, str]):
+  """The model to step: a random one of `family`'s shape, or (family "real") the dense model
+  or the student loaded from paths[attention]."""
+  if family == "real":
+    return checkpoint.load_pretrained(paths[attention])
   cfg = FAMILIES[family][0](attention, context + steps + 1)
-  graph, state = nnx.split(checkpoint.build_model(cfg, nnx.Rngs(0)))
+  return checkpoint.build_model(cfg, nnx.Rngs(0))
+
+
+def decode_row(attention: str, context: int, steps: int, family: str = "llama",
+               paths: dict[str, str] | None = None) -> dict:
+  model = build(attention, context, steps, family, paths or {})
+  cfg = model.config
+  graph, state = nnx.split(model)
   cache = random_cache(cfg, context, steps + 1)
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
   tokens = jnp.zeros((1,), jnp.int32)
@@ -78,20 +95,31 @@ def decode_row(attention: str, context: int, steps: int, family: str = "llama") 
     if i:  # step 0 warms up
       times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
+  sea = getattr(cfg, "sea", None)
   return {"step_s": step_s, "tokens_per_s": 1.0 / step_s,
-          "temp": compiled.memory_analysis().temp_size_in_bytes, "cache": cache_bytes}
+          "temp": compiled.memory_analysis().temp_size_in_bytes, "cache": cache_bytes,
+          "heads": cfg.num_attention_heads, "K": sea.K if sea else None,
+          "k": sea.k if sea else None}
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768])
   p.add_argument("--steps", type=int, default=20)
-  p.add_argument("--family", default="llama", choices=sorted(FAMILIES),
+  p.add_argument("--family", default="llama", choices=sorted(FAMILIES) + ["real"],
                  help="llama: the small long-context Llama; opt: opt-125m's shape (contexts "
-                      "below 2048 only)")
+                      "below 2048 only); real: SmolLM2-135M and its SEA student")
+  p.add_argument("--dense", default="smollm2-135m",
+                 help="--family real: the dense model (default: the installed GGUF)")
+  p.add_argument("--student", default=None,
+                 help="--family real: the SEA student folder (default: the bundled student)")
   p.add_argument("--out", default=None, help="also write the markdown table here")
   args = p.parse_args()
   report_files.claim(__file__, args.out)
+  paths = {}
+  if args.family == "real":
+    from sea_jax import bundle
+    paths = {"dense": args.dense, "sea": args.student or bundle.student_folder()}
   mib = 2**20
   lines = [f"Decode ({args.family}), batch 1, fp32 ({datetime.date.today()}, jax {jax.__version__}, "
            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -100,10 +128,10 @@ def main() -> None:
            "time | SEA kept pairs (bound) / dense keys per layer | dense temp / cache MiB | "
            "SEA temp / cache MiB |", "|---|---|---|---|---|---|---|---|---|"]
   for context in args.contexts:
-    d = decode_row("dense", context, args.steps, args.family)
-    s = decode_row("sea", context, args.steps, args.family)
-    H = FAMILIES[args.family][1]
-    bound = kept_key_bound(context + args.steps + 1, H, 256, 64)
+    d = decode_row("dense", context, args.steps, args.family, paths)
+    s = decode_row("sea", context, args.steps, args.family, paths)
+    H = s["heads"]
+    bound = kept_key_bound(context + args.steps + 1, H, s["K"], s["k"])
     lines.append(f"| {context} | {d['step_s'] * 1e3:.2f} ms | {d['tokens_per_s']:.1f} | "
                  f"{s['step_s'] * 1e3:.2f} ms | {s['tokens_per_s']:.1f} | "
                  f"{s['step_s'] / d['step_s']:.2f} | {bound} / {H * (context + 1)} | "
