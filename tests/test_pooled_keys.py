@@ -158,3 +158,27 @@ def test_a_student_saved_without_the_mix_loads_with_it(tmp_path):
   logits = nnx.jit(lambda m, x: m(x).logits)
   plain = np.asarray(logits(model, ids))
   assert np.abs(np.asarray(logits(mixed, ids)) - plain).max() > 1e-4 * np.abs(plain).max(), seed
+
+
+def _constant_bytes(hlo_text: str) -> int:
+  """Bytes of every constant literal in a compiled HLO module's text."""
+  import re
+  width = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+           "s64": 8, "u64": 8, "f64": 8}
+  total = 0
+  for dtype, dims in re.findall(r"= (\w+)\[([\d,]*)\](?:\{[\d,]*\})? constant\(", hlo_text):
+    total += width.get(dtype, 8) * int(np.prod([int(x) for x in dims.split(",") if x]))
+  return total
+
+
+def test_the_compiled_op_embeds_no_table_that_grows_with_length():
+  """The bin edges are computed per call, not folded into the program: a (T, K+1) int32 table
+  per layer would sit in the executable's host memory (241 MiB over SmolLM2's 30 layers at
+  T = 8,192). The program's constants are the same bytes at T = 256 and 4 x 256."""
+  sizes = []
+  for T in (256, 1024):
+    q, k = jnp.ones((1, 2, T, 8)), jnp.ones((1, 1, T, 8))
+    compiled = jax.jit(lambda q, k: pooled_key_logits(q, k, 16)).lower(q, k).compile()
+    sizes.append(_constant_bytes(compiled.as_text()))
+  assert sizes[0] == sizes[1], sizes  # before the fix: 17,476 and 69,700 bytes
+  assert sizes[1] < 4 * 1024 * (16 + 1), sizes  # less than one (T, K+1) int32 edge table

@@ -61,17 +61,19 @@ def pooled_key_logits(q: jax.Array, k: jax.Array, K: int, *,
   Rows run in blocks of `row_block` (`jax.lax.map`, rematerialised in the backward): memory
   O(row_block · K · d) per head besides P itself. The prefix sums are laid out time-major,
   (N, T+1, Hkv, d), so that one edge gathers one contiguous run of Hkv·d numbers, and the
-  edges are constants of the trace: with the dot products first (`_bin_scores`), 5-6x faster
-  on CPU than gathering per kv head with edges computed in the loop
+  edges are computed once, before the row loop: with the dot products first (`_bin_scores`),
+  5-6x faster on CPU than gathering per kv head with edges computed in the loop
   (bench/bench_pooled_keys.py)."""
   N, H, T, d = q.shape
   S = jnp.moveaxis(key_prefix_sums(k), 2, 1)  # (N, T+1, Hkv, d)
   B = min(row_block, T)
   n = -(-T // B)
   qb = jnp.pad(q, [(0, 0), (0, 0), (0, n * B - T), (0, 0)]).reshape(N, H, n, B, d)
-  with jax.ensure_compile_time_eval():  # constants of the trace, not loop work
-    rows = jnp.minimum(jnp.arange(n * B, dtype=jnp.int32), T - 1)
-    edges = _edges(rows, K).reshape(n, B, K + 1)
+  # The edges are computed once per call, outside the row loop, from an iota that XLA may not
+  # fold: as a constant of the program each layer would embed its own (T, K+1) int32 table in
+  # the executable (241 MiB over SmolLM2's 30 layers at T = 8,192, held in host memory).
+  rows = jnp.minimum(jax.lax.optimization_barrier(jnp.arange(n * B, dtype=jnp.int32)), T - 1)
+  edges = _edges(rows, K).reshape(n, B, K + 1)
 
   @jax.checkpoint  # the backward regathers a block's edge sums instead of keeping them all
   def block(i):
