@@ -40,6 +40,7 @@ from sea_jax.config import OPTConfig, SEAConfig  # noqa: E402
 from sea_jax import checkpoint  # noqa: E402
 from sea_jax import generate as gen  # noqa: E402
 from sea_jax.attention import KVCache  # noqa: E402
+from sea_jax.errors import run_command  # noqa: E402
 from sea_jax.sea.decode import kept_key_bound  # noqa: E402
 from bench import report_files  # noqa: E402
 
@@ -63,7 +64,7 @@ def opt_config(attention: str, T: int) -> OPTConfig:
   return OPTConfig(attention=attention, dropout=0.0, sea=SEAConfig(K=256, k=64, sparse_impl="xla"))
 
 
-FAMILIES = {"llama": (llama_config, 8), "opt": (opt_config, 12)}  # config, query heads
+FAMILIES = {"llama": llama_config, "opt": opt_config}  # family -> config of (attention, T)
 
 
 def build(attention: str, context: int, steps: int, family: str, paths: dict[str, str]):
@@ -71,7 +72,7 @@ def build(attention: str, context: int, steps: int, family: str, paths: dict[str
   or the student loaded from paths[attention]."""
   if family == "real":
     return checkpoint.load_pretrained(paths[attention])
-  cfg = FAMILIES[family][0](attention, context + steps + 1)
+  cfg = FAMILIES[family](attention, context + steps + 1)
   return checkpoint.build_model(cfg, nnx.Rngs(0))
 
 
@@ -102,7 +103,7 @@ def decode_row(attention: str, context: int, steps: int, family: str = "llama",
           "k": sea.k if sea else None}
 
 
-def main() -> None:
+def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192, 32768])
   p.add_argument("--steps", type=int, default=20)
@@ -130,6 +131,8 @@ def main() -> None:
   for context in args.contexts:
     d = decode_row("dense", context, args.steps, args.family, paths)
     s = decode_row("sea", context, args.steps, args.family, paths)
+    if s["K"] is None:
+      raise SystemExit(f"error: --student {paths['sea']} is not a SEA model")
     H = s["heads"]
     bound = kept_key_bound(context + args.steps + 1, H, s["K"], s["k"])
     lines.append(f"| {context} | {d['step_s'] * 1e3:.2f} ms | {d['tokens_per_s']:.1f} | "
@@ -141,7 +144,8 @@ def main() -> None:
   text = "\n".join(lines)
   print(text)
   report_files.write_markdown(__file__, args.out, text)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(run_command(main))  # bad input (a --student that is not a model): one error line
