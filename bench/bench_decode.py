@@ -67,18 +67,15 @@ def opt_config(attention: str, T: int) -> OPTConfig:
 FAMILIES = {"llama": llama_config, "opt": opt_config}  # family -> config of (attention, T)
 
 
-def build(attention: str, context: int, steps: int, family: str, paths: dict[str, str]):
-  """The model to step: a random one of `family`'s shape, or (family "real") the dense model
-  or the student loaded from paths[attention]."""
-  if family == "real":
-    return checkpoint.load_pretrained(paths[attention])
-  cfg = FAMILIES[family](attention, context + steps + 1)
-  return checkpoint.build_model(cfg, nnx.Rngs(0))
-
-
 def decode_row(attention: str, context: int, steps: int, family: str = "llama",
-               paths: dict[str, str] | None = None) -> dict:
-  model = build(attention, context, steps, family, paths or {})
+               loaded: dict | None = None) -> dict:
+  """One row's figures for `attention` ("dense" or "sea"): the model is loaded[attention]
+  (family "real", loaded once for every context) or a random one of `family`'s shape."""
+  if family == "real":
+    model = loaded[attention]
+  else:
+    model = checkpoint.build_model(FAMILIES[family](attention, context + steps + 1),
+                                   nnx.Rngs(0))
   cfg = model.config
   graph, state = nnx.split(model)
   cache = random_cache(cfg, context, steps + 1)
@@ -96,11 +93,9 @@ def decode_row(attention: str, context: int, steps: int, family: str = "llama",
     if i:  # step 0 warms up
       times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
-  sea = getattr(cfg, "sea", None)
   return {"step_s": step_s, "tokens_per_s": 1.0 / step_s,
           "temp": compiled.memory_analysis().temp_size_in_bytes, "cache": cache_bytes,
-          "heads": cfg.num_attention_heads, "K": sea.K if sea else None,
-          "k": sea.k if sea else None}
+          "heads": cfg.num_attention_heads, "K": cfg.sea.K, "k": cfg.sea.k}
 
 
 def main() -> int:
@@ -117,10 +112,14 @@ def main() -> int:
   p.add_argument("--out", default=None, help="also write the markdown table here")
   args = p.parse_args()
   report_files.claim(__file__, args.out)
-  paths = {}
-  if args.family == "real":
+  loaded = None
+  if args.family == "real":  # both models once, the student checked before any measurement
     from sea_jax import bundle
-    paths = {"dense": args.dense, "sea": args.student or bundle.student_folder()}
+    student = args.student or bundle.student_folder()
+    loaded = {"dense": checkpoint.load_pretrained(args.dense),
+              "sea": checkpoint.load_pretrained(student)}
+    if loaded["sea"].config.attention != "sea":
+      raise SystemExit(f"error: --student {student} is not a SEA model")
   mib = 2**20
   lines = [f"Decode ({args.family}), batch 1, fp32 ({datetime.date.today()}, jax {jax.__version__}, "
            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -129,10 +128,8 @@ def main() -> int:
            "time | SEA kept pairs (bound) / dense keys per layer | dense temp / cache MiB | "
            "SEA temp / cache MiB |", "|---|---|---|---|---|---|---|---|---|"]
   for context in args.contexts:
-    d = decode_row("dense", context, args.steps, args.family, paths)
-    s = decode_row("sea", context, args.steps, args.family, paths)
-    if s["K"] is None:
-      raise SystemExit(f"error: --student {paths['sea']} is not a SEA model")
+    d = decode_row("dense", context, args.steps, args.family, loaded)
+    s = decode_row("sea", context, args.steps, args.family, loaded)
     H = s["heads"]
     bound = kept_key_bound(context + args.steps + 1, H, s["K"], s["k"])
     lines.append(f"| {context} | {d['step_s'] * 1e3:.2f} ms | {d['tokens_per_s']:.1f} | "
