@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from sea_jax.errors import UserError
+from sea_jax.tokenizer import Tokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOKENIZER_ASSETS = ASSETS / "opt-tokenizer"
@@ -77,23 +78,40 @@ def has_tokenizer_files(folder: str | os.PathLike) -> bool:
   return folder.is_dir() and any((folder / name).is_file() for name in _TOKENIZER_FILES)
 
 
-def bundled_tokenizer():
-  """OPT's Hugging Face tokenizer built from the bundled vocab.json + merges.txt."""
-  from transformers import GPT2TokenizerFast  # in transformers 5 this is GPT2Tokenizer (fast)
+def bundled_tokenizer() -> Tokenizer:
+  """OPT's tokenizer, built from the bundled vocab.json + merges.txt with `tokenizers` alone.
 
-  return GPT2TokenizerFast(
-      vocab=str(TOKENIZER_ASSETS / "vocab.json"),
-      merges=str(TOKENIZER_ASSETS / "merges.txt"),
-      bos_token="</s>", eos_token="</s>", unk_token="</s>", pad_token="<pad>",
-      add_bos_token=True, add_prefix_space=False, errors="replace")
+  The pipeline serialises byte for byte like transformers' `GPT2TokenizerFast(vocab, merges,
+  bos/eos/unk "</s>", pad "<pad>", add_bos_token=True)` (tests/test_tokenizer.py), so ids,
+  decoding and `tokenizer_fingerprint` are the same."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, processors
+  vocab, merges = models.BPE.read_file(str(TOKENIZER_ASSETS / "vocab.json"),
+                                       str(TOKENIZER_ASSETS / "merges.txt"))
+  backend = tokenizers.Tokenizer(models.BPE(vocab, merges, continuing_subword_prefix="",
+                                            end_of_word_suffix="", fuse_unk=False))
+  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True,
+                                                   use_regex=True)
+  backend.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+  backend.add_special_tokens([tokenizers.AddedToken(token, special=True, normalized=False)
+                              for token in ("<pad>", "</s>")])
+  backend.post_processor = processors.TemplateProcessing(
+      single="</s> $A", pair="</s> $A </s>:1 $B:1", special_tokens=[("</s>", 2)])
+  config = {"add_prefix_space": False, "backend": "tokenizers", "bos_token": "</s>",
+            "eos_token": "</s>", "errors": "replace", "model_max_length": int(1e30),
+            "pad_token": "<pad>", "tokenizer_class": "GPT2Tokenizer", "unk_token": "</s>"}
+  return Tokenizer(backend, config)
 
 
 def load_tokenizer(model_dir: str | None = None):
   """Tokenizer of `model_dir` when it has tokenizer files, else the bundled OPT one.
 
-  A `model_dir` that is not a local folder is tried as a hub id (local HF cache); on failure
-  the bundled OPT tokenizer is used with a warning. Special tokens (OPT's leading `</s>`) are
-  added only when asked: `tokenizer(text)` adds it, `add_special_tokens=False` does not.
+  A folder that transformers 5 saved (every folder sea-jax writes) is read with `tokenizers`
+  alone (`sea_jax.tokenizer`); other folders, and a `model_dir` that is not a local folder
+  (tried as a hub id in the local HF cache), through transformers' `AutoTokenizer`. On a hub
+  failure the bundled OPT tokenizer is used with a warning. Special tokens (OPT's leading
+  `</s>`) are added only when asked: `tokenizer(text)` adds it, `add_special_tokens=False`
+  does not.
   """
   if model_dir is None:
     return bundled_tokenizer()
@@ -101,8 +119,11 @@ def load_tokenizer(model_dir: str | None = None):
   if folder.is_dir():
     if not has_tokenizer_files(folder):
       return bundled_tokenizer()
-    from transformers import AutoTokenizer
     try:
+      tokenizer = Tokenizer.from_folder(folder)
+      if tokenizer is not None:
+        return tokenizer
+      from transformers import AutoTokenizer
       return AutoTokenizer.from_pretrained(str(folder))
     except Exception as err:  # noqa: BLE001 - tokenizers/transformers raise many kinds here
       first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

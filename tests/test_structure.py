@@ -4,7 +4,7 @@ floors, never up, and no two modules import each other through any path.
 Floors, lowest first: base (errors, config, layers, rope, sharding, safe_write,
 xla_defaults) < ops (pure attention functions and mask geometry) < kernels (pallas_kernels) <
 sea (SEA's modules) < seam (attention.py) < models (decoder, opt, llama) < io (hf_io, gguf_io,
-families, data, checkpoint, bundle) < tasks (losses, flags, evaluate, generate, visualize,
+families, tokenizer, data, checkpoint, bundle) < tasks (losses, flags, evaluate, generate, visualize,
 convert, training).
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ BY_NAME = {
              "sea_jax.sharding", "sea_jax.safe_write", "sea_jax.xla_defaults", "sea_jax"),
     "seam": ("sea_jax.attention",),
     "models": ("sea_jax.decoder", "sea_jax.opt", "sea_jax.llama"),
-    "io": ("sea_jax.hf_io", "sea_jax.gguf_io", "sea_jax.families", "sea_jax.data",
+    "io": ("sea_jax.hf_io", "sea_jax.gguf_io", "sea_jax.families", "sea_jax.tokenizer",
+           "sea_jax.data",
            "sea_jax.checkpoint", "sea_jax.bundle"),
 }
 
