@@ -106,7 +106,7 @@ def bundled_tokenizer() -> Tokenizer:
 def load_tokenizer(model_dir: str | None = None):
   """Tokenizer of `model_dir` when it has tokenizer files, else the bundled OPT one.
 
-  A folder that transformers 5 saved (every folder sea-jax writes) is read with `tokenizers`
+  A folder that transformers 5 saved (every tokenizer sea-jax saves) is read with `tokenizers`
   alone (`sea_jax.tokenizer`); other folders, and a `model_dir` that is not a local folder
   (tried as a hub id in the local HF cache), through transformers' `AutoTokenizer`. On a hub
   failure the bundled OPT tokenizer is used with a warning. Special tokens (OPT's leading
@@ -168,7 +168,8 @@ def tokenizer_name(tokenizer) -> str:
     _OPT_FINGERPRINT.append(tokenizer_fingerprint(bundled_tokenizer()))
   if fingerprint == _OPT_FINGERPRINT[0]:
     return "opt"
-  source = os.path.basename(os.path.normpath(str(getattr(tokenizer, "name_or_path", "") or "")))
+  path = str(getattr(tokenizer, "name_or_path", "") or "")
+  source = os.path.basename(os.path.normpath(path)) if path else ""
   return f"{source or type(tokenizer).__name__} ({len(tokenizer)} tokens, {fingerprint[:12]})"
 
 

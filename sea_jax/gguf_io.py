@@ -308,7 +308,8 @@ class GGUFModel:
       from transformers import PreTrainedTokenizerFast
       from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
       backend, more = convert_gguf_tokenizer(self.architecture, fields)
-      return PreTrainedTokenizerFast(tokenizer_object=backend, **{**extra, **more})
+      return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=self.path,
+                                     **{**extra, **more})
     except Exception as e:  # noqa: BLE001 - unsupported tokenizer types, bad merges
       first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
       raise GGUFError(f"{self.path}: its tokenizer ({model!r}, pre-tokenizer "

@@ -9,8 +9,10 @@ fast-tokenizer interface that sea-jax calls: `tok(text | texts, add_special_toke
 
 Which folders it reads (`from_folder`): those whose `tokenizer.json` transformers 5 wrote
 (`tokenizer_config.json` says `"backend": "tokenizers"`), i.e. the live pipeline of the
-tokenizer that saved it, which is what transformers rebuilds on load; every folder sea-jax
-writes is one. Older or foreign folders go to `AutoTokenizer` (`data.load_tokenizer`).
+tokenizer that saved it, which is what transformers rebuilds on load: every tokenizer sea-jax
+saves (the bundled OPT one, a GGUF file's) and a Hugging Face folder saved by transformers 5.
+Older or foreign folders (a converted folder keeps its source's files) go to `AutoTokenizer`
+(`data.load_tokenizer`).
 tests/test_tokenizer.py checks ids, special tokens, length and decoding against transformers
 on every kind of folder the project writes.
 """
