@@ -29,13 +29,19 @@ LOSS_ROWS = 512  # positions whose (rows, V) logits exist at once in `window_los
 
 
 def window_losses(model: nnx.Module, windows: jax.Array, sea_k: int | None) -> jax.Array:
-  """windows (B, T) int -> (B,) mean next-token cross-entropy of each window (fp32).
-
-  The logits are formed LOSS_ROWS positions at a time from the final hidden states (the
-  model's own logits go unused and XLA drops them), so the head costs O(LOSS_ROWS·V) memory
-  instead of O(T·V): at T = 8,192 and SmolLM2's 49,152 tokens that is 0.1 GB, not 1.6 GB."""
+  """windows (B, T) int -> (B,) mean next-token cross-entropy of each window (fp32), the whole
+  model in one traced function (what `LayerwiseLosses` computes a layer at a time)."""
   out = model(windows, sea_k=sea_k, output_hidden_states=True)
-  h = out.hidden_states[-1][:, :-1]  # (B, T-1, E): after the final norm
+  return head_losses(model, out.hidden_states[-1], windows)
+
+
+def head_losses(model: nnx.Module, h: jax.Array, windows: jax.Array) -> jax.Array:
+  """h (B, T, E) the last hidden state (after the final norm), windows (B, T) -> (B,) losses.
+
+  The logits are formed LOSS_ROWS positions at a time (the model's own logits go unused and
+  XLA drops them), so the head costs O(LOSS_ROWS·V) memory instead of O(T·V): at T = 8,192
+  and SmolLM2's 49,152 tokens that is 0.1 GB, not 1.6 GB."""
+  h = h[:, :-1]
   targets = windows[:, 1:]
   B, n = targets.shape
   rows = min(LOSS_ROWS, n)
@@ -54,6 +60,78 @@ def window_losses(model: nnx.Module, windows: jax.Array, sea_k: int | None) -> j
   nll = jax.lax.map(chunk_losses, (jnp.moveaxis(h, 1, 0), jnp.moveaxis(tg, 1, 0)))
   nll = jnp.moveaxis(nll, 0, 1).reshape(B, chunks * rows)[:, :n]
   return jnp.mean(nll, axis=-1)
+
+
+def run_layer(layer: nnx.Module, h: jax.Array, args: tuple, sea_k) -> jax.Array:
+  """One decoder layer on h (N,T,D) and the family's per-layer inputs (`model.embed`)."""
+  return layer(h, *args, sea_k=sea_k)[0]
+
+
+class LayerwiseLosses:
+  """`window_losses` run as three compiled programs: the embedding, one decoder layer, and the
+  final norm with the chunked head. Layers of one structure (every layer of a model, unless
+  `attention_layers` mixes kinds) share one compiled layer, run once per layer with that
+  layer's weights, so compiling costs one layer, not the model's depth: the SmolLM2 student's
+  eval step at T = 1,024 is 172k HLO instructions in one program, 5.8k in its layer.
+
+  k: None (the static `static_k` serves) or a traced int32 (a k sweep's one compile).
+  Hidden states between layers are constrained to the batch sharding of `mesh`, so one
+  executable serves every layer. `temp_bytes`: the largest compiled temp of the programs.
+  """
+
+  def __init__(self, model: nnx.Module, mesh: Mesh, static_k: int | None):
+    self.mesh, self.static_k = mesh, static_k
+    self.graphdef, self.state = nnx.split(model)
+    self.layers = [nnx.split(layer) for layer in model.layers]
+    self._compiled: dict = {}
+
+  def _on_batch(self, h: jax.Array) -> jax.Array:
+    return jax.lax.with_sharding_constraint(h, shd.batch_sharding(self.mesh, h.ndim))
+
+  def _embed(self, state, windows):
+    N, T = windows.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (N, T))
+    with shd.ambient(self.mesh):
+      h, args = nnx.merge(self.graphdef, state).embed(windows, positions)
+    return self._on_batch(h), args
+
+  def _layer(self, graphdef, state, h, args, k):
+    with shd.ambient(self.mesh):  # kernels and the tile list run per device shard
+      h = run_layer(nnx.merge(graphdef, state), h, args, self.static_k if k is None else k)
+    return self._on_batch(h)
+
+  def _head(self, state, h, windows):
+    with shd.ambient(self.mesh):
+      model = nnx.merge(self.graphdef, state)
+      return head_losses(model, model.final_norm(h), windows)
+
+  def _program(self, name, fn, *args):
+    """The compiled `fn` for these arguments' shapes (compiled on first use)."""
+    static = args[:1] if name == "layer" else ()  # the layer's graphdef
+    dynamic = args[len(static):]
+    key = (name, *static, jax.tree.structure(dynamic),
+           tuple((x.shape, x.dtype) for x in jax.tree.leaves(dynamic)))
+    if key not in self._compiled:
+      self._compiled[key] = jax.jit(fn, static_argnums=tuple(range(len(static)))).lower(
+          *args).compile()
+    return self._compiled[key]
+
+  def compile(self, windows: jax.Array, k) -> None:
+    """Compiles every program for batches like `windows` (running the embedding once)."""
+    h, args = self._program("embed", self._embed, self.state, windows)(self.state, windows)
+    for graphdef, state in self.layers:
+      self._program("layer", self._layer, graphdef, state, h, args, k)
+    self._program("head", self._head, self.state, h, windows)
+
+  def __call__(self, windows: jax.Array, k) -> jax.Array:
+    """windows (B, T) -> (B,) mean losses, as `window_losses(model, windows, k)`."""
+    h, args = self._program("embed", self._embed, self.state, windows)(self.state, windows)
+    for graphdef, state in self.layers:
+      h = self._program("layer", self._layer, graphdef, state, h, args, k)(state, h, args, k)
+    return self._program("head", self._head, self.state, h, windows)(self.state, h, windows)
+
+  def temp_bytes(self) -> int:
+    return max(c.memory_analysis().temp_size_in_bytes for c in self._compiled.values())
 
 
 @dataclasses.dataclass
@@ -95,8 +173,9 @@ def perplexities(model: nnx.Module, windows: np.ndarray, ks: Sequence[int | None
                  desc: str = "eval") -> Iterator[tuple[int | None, EvalResult]]:
   """(k, perplexity over `windows` (W, T) at SEA k) for each k of `ks`, as each is done.
 
-  One compile serves the whole list. A single k (None: the model's own) is static in the eval
-  step; several are one traced int32 argument, whose grouped top-k is the exact radix select:
+  One compile serves the whole list (`LayerwiseLosses`: the embedding, one layer, the head).
+  A single k (None: the model's own) is static in the eval step; several are one traced int32
+  argument, whose grouped top-k is the exact radix select:
   the same kept cells as the static path, so the same perplexities (tests/test_sea_model.py)."""
   from tqdm import tqdm
   num_windows = windows.shape[0]
@@ -104,13 +183,7 @@ def perplexities(model: nnx.Module, windows: np.ndarray, ks: Sequence[int | None
   if batch_size % per_step:
     raise ValueError(f"--batch-size {batch_size} must be a multiple of the data x fsdp mesh "
                      f"size {per_step}")
-  graphdef, state = nnx.split(model)
-  static_k = ks[0] if len(ks) == 1 else None
-
-  @jax.jit
-  def step(state, batch, k):
-    with shd.ambient(mesh):  # kernels and the tile list run per device shard (`per_shard`)
-      return window_losses(nnx.merge(graphdef, state), batch, static_k if k is None else k)
+  step = LayerwiseLosses(model, mesh, ks[0] if len(ks) == 1 else None)
 
   def k_argument(k):
     return None if len(ks) == 1 else jnp.int32(k)
@@ -126,7 +199,7 @@ def perplexities(model: nnx.Module, windows: np.ndarray, ks: Sequence[int | None
                                         lambda index: batch[index]), real
 
   # every batch has this shape, and every k is the same (static or traced) argument
-  compiled = step.lower(state, global_batch(0)[0], k_argument(ks[0])).compile()
+  step.compile(global_batch(0)[0], k_argument(ks[0]))
   for k in ks:
     losses = []
     start = time.perf_counter()  # `seconds` counts evaluation, not compilation
@@ -134,7 +207,7 @@ def perplexities(model: nnx.Module, windows: np.ndarray, ks: Sequence[int | None
                file=sys.stderr, disable=not progress)
     for first in range(0, num_windows, batch_size):
       batch, real = global_batch(first)
-      window_loss = np.asarray(jax.device_get(compiled(state, batch, k_argument(k))))[:real]
+      window_loss = np.asarray(jax.device_get(step(batch, k_argument(k))))[:real]
       losses.append(window_loss)
       bar.update(real)
       bar.set_postfix(ppl=f"{math.exp(float(np.concatenate(losses).mean())):.3f}")

@@ -124,6 +124,20 @@ class LlamaForCausalLM(nnx.Module):
     """(V, D): the output head's weights (the embedding table when tied)."""
     return (self.embed_tokens if self.lm_head is None else self.lm_head)[...]
 
+  def embed(self, input_ids: jax.Array, positions: jax.Array) -> tuple[jax.Array, tuple]:
+    """input_ids, positions (N,T) int -> (h (N,T,D), what every layer takes after h: the RoPE
+    tables (cos, sin)); `layer(h, *args, key_mask=..., sea_k=...)` runs a layer on them."""
+    cfg = self.config
+    inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
+    cos, sin = rope_tables(positions, inv_freq, cfg.compute_dtype)
+    with jax.named_scope("embed"):
+      h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(cfg.compute_dtype)
+    return h, (cos, sin)
+
+  def final_norm(self, h: jax.Array) -> jax.Array:
+    """The last layer's output (N,T,D) -> what the head reads (the last hidden state)."""
+    return self.norm(h)
+
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                sea_k: int | None = None, dropout_rng: jax.Array | None = None,
                output_hidden_states: bool = False, return_attn_aux: bool = False,
@@ -153,24 +167,21 @@ class LlamaForCausalLM(nnx.Module):
       positions = cache.positions(key_mask, T)
     else:
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (N, T))
-    inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
-    cos, sin = rope_tables(positions, inv_freq, dt)
-    with jax.named_scope("embed"):
-      h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dt)
+    h, layer_args = self.embed(input_ids, positions)
 
     def call(layer, h, key):
-      return layer(h, cos, sin, key_mask=key_mask, sea_k=sea_k, dropout_rng=key,
+      return layer(h, *layer_args, key_mask=key_mask, sea_k=sea_k, dropout_rng=key,
                    return_aux=return_attn_aux)
 
     if cache is not None:
       h, cache = cache.run(self.layers, h, key_mask,
-                           lambda layer, h, c: layer(h, cos, sin, sea_k=sea_k, cache=c))
+                           lambda layer, h, c: layer(h, *layer_args, sea_k=sea_k, cache=c))
       hidden, auxes = [], []
     else:
       h, hidden, auxes = run_layers(self.layers, h, remat=cfg.remat, dropout_rng=dropout_rng,
                                     output_hidden_states=output_hidden_states, call=call)
     with jax.named_scope("head"):
-      h = self.norm(h)
+      h = self.final_norm(h)
       if output_hidden_states:
         hidden.append(h)
       logits = lm_logits(h, self.head_table(), dt)

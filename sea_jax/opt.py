@@ -122,6 +122,26 @@ class OPTForCausalLM(nnx.Module):
     """(V, D): the output head's weights (tied to the embedding table)."""
     return self.embed_tokens[...]
 
+  def embed(self, input_ids: jax.Array, positions: jax.Array) -> tuple[jax.Array, tuple]:
+    """input_ids, positions (N,T) int (HF's rule: -1 at padding) -> (h (N,T,D), what every
+    layer takes after h: nothing for OPT); `layer(h, *args, key_mask=...)` runs a layer."""
+    dt = self.config.compute_dtype
+    with jax.named_scope("embed"):
+      x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dt)
+      if self.project_in is not None:
+        x = self.project_in(x)
+      h = x + jnp.take(self.embed_positions[...], positions + POSITION_OFFSET, axis=0).astype(dt)
+    return h, ()
+
+  def final_norm(self, h: jax.Array) -> jax.Array:
+    """The last layer's output (N,T,D) -> what the head reads (the last hidden state): the
+    final layer norm where the variant has one, then `project_out` where E != D."""
+    if self.final_layer_norm is not None:
+      h = self.final_layer_norm(h)
+    if self.project_out is not None:
+      h = self.project_out(h)
+    return h
+
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                sea_k: int | None = None, dropout_rng: jax.Array | None = None,
                output_hidden_states: bool = False, return_attn_aux: bool = False,
@@ -151,28 +171,22 @@ class OPTForCausalLM(nnx.Module):
       key_mask = attention_mask.astype(bool)
       m = attention_mask.astype(jnp.int32)
       positions = jnp.cumsum(m, axis=1) * m - 1  # Hugging Face's rule; pads get -1
-    with jax.named_scope("embed"):
-      x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dt)
-      if self.project_in is not None:
-        x = self.project_in(x)
-      h = x + jnp.take(self.embed_positions[...], positions + POSITION_OFFSET, axis=0).astype(dt)
+    h, layer_args = self.embed(input_ids, positions)
 
     def call(layer, h, key):
-      return layer(h, key_mask=key_mask, sea_k=sea_k, dropout_rng=key, return_aux=return_attn_aux)
+      return layer(h, *layer_args, key_mask=key_mask, sea_k=sea_k, dropout_rng=key,
+                   return_aux=return_attn_aux)
 
     if cache is not None:
       h, cache = cache.run(self.layers, h, key_mask,
-                           lambda layer, h, c: layer(h, sea_k=sea_k, cache=c))
+                           lambda layer, h, c: layer(h, *layer_args, sea_k=sea_k, cache=c))
       hidden, auxes = [], []
     else:
       h, hidden, auxes = run_layers(self.layers, h, remat=cfg.remat, dropout_rng=dropout_rng,
                                     output_hidden_states=output_hidden_states, call=call)
 
     with jax.named_scope("head"):
-      if self.final_layer_norm is not None:
-        h = self.final_layer_norm(h)
-      if self.project_out is not None:
-        h = self.project_out(h)
+      h = self.final_norm(h)
       if output_hidden_states:
         hidden.append(h)
       logits = lm_logits(h, self.head_table(), dt)

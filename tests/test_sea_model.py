@@ -117,8 +117,9 @@ def test_eval_sea_student_and_k_sweep(dense_folder):
 
 
 def test_k_sweep_compiles_once_and_equals_each_k_alone(dense_folder, monkeypatch):
-  """`evaluate.perplexities` over several k traces the eval step once (k a traced argument, the
-  top-k's radix select) and gives each k the perplexity a static-k run of that k alone gives.
+  """`evaluate.perplexities` over several k traces the eval step's layer once (k a traced
+  argument, the top-k's radix select; every layer shares the compiled layer) and gives each k
+  the perplexity a static-k run of that k alone gives.
   The kept cells are the same (the select keeps the top_k's cells, ties to the lower cell:
   test_topk.py), so only the rounding of differently fused float32 arithmetic may differ: a few
   ulps (1.2e-7) of each position's loss, far below 1e-5 of the mean (on this machine they are
@@ -131,9 +132,8 @@ def test_k_sweep_compiles_once_and_equals_each_k_alone(dense_folder, monkeypatch
       0, model.config.vocab_size, (3, 64)).astype(np.int32)
   mesh = shd.make_mesh(None, jax.devices()[:1])
   traces = []
-  window_losses = evaluate.window_losses
-  monkeypatch.setattr(evaluate, "window_losses",
-                      lambda *a: traces.append(a[2]) or window_losses(*a))
+  run_layer = evaluate.run_layer
+  monkeypatch.setattr(evaluate, "run_layer", lambda *a: traces.append(a[3]) or run_layer(*a))
   ks = [1, 3, 8, 64]
   swept = list(evaluate.perplexities(model, windows, ks, batch_size=1, mesh=mesh,
                                      progress=False))
