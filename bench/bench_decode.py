@@ -40,7 +40,7 @@ from sea_jax.config import OPTConfig, SEAConfig  # noqa: E402
 from sea_jax import checkpoint  # noqa: E402
 from sea_jax import generate as gen  # noqa: E402
 from sea_jax.attention import KVCache  # noqa: E402
-from sea_jax.errors import run_command  # noqa: E402
+from sea_jax.errors import UserError, run_command  # noqa: E402
 from sea_jax.sea.decode import kept_key_bound  # noqa: E402
 from bench import report_files  # noqa: E402
 
@@ -119,7 +119,7 @@ def main() -> int:
     loaded = {"dense": checkpoint.load_pretrained(args.dense),
               "sea": checkpoint.load_pretrained(student)}
     if loaded["sea"].config.attention != "sea":
-      raise SystemExit(f"error: --student {student} is not a SEA model")
+      raise UserError(f"--student {student} is not a SEA model")
   mib = 2**20
   lines = [f"Decode ({args.family}), batch 1, fp32 ({datetime.date.today()}, jax {jax.__version__}, "
            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "

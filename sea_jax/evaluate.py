@@ -83,7 +83,7 @@ class LayerwiseLosses:
     self.mesh, self.static_k = mesh, static_k
     self.graphdef, self.state = nnx.split(model)
     self.layers = [nnx.split(layer) for layer in model.layers]
-    self._compiled: dict = {}
+    self._programs = None  # (embed, {layer graphdef: layer}, head), from `compile`
 
   def _on_batch(self, h: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(h, shd.batch_sharding(self.mesh, h.ndim))
@@ -105,33 +105,32 @@ class LayerwiseLosses:
       model = nnx.merge(self.graphdef, state)
       return head_losses(model, model.final_norm(h), windows)
 
-  def _program(self, name, fn, *args):
-    """The compiled `fn` for these arguments' shapes (compiled on first use)."""
-    static = args[:1] if name == "layer" else ()  # the layer's graphdef
-    dynamic = args[len(static):]
-    key = (name, *static, jax.tree.structure(dynamic),
-           tuple((x.shape, x.dtype) for x in jax.tree.leaves(dynamic)))
-    if key not in self._compiled:
-      self._compiled[key] = jax.jit(fn, static_argnums=tuple(range(len(static)))).lower(
-          *args).compile()
-    return self._compiled[key]
-
   def compile(self, windows: jax.Array, k) -> None:
-    """Compiles every program for batches like `windows` (running the embedding once)."""
-    h, args = self._program("embed", self._embed, self.state, windows)(self.state, windows)
-    for graphdef, state in self.layers:
-      self._program("layer", self._layer, graphdef, state, h, args, k)
-    self._program("head", self._head, self.state, h, windows)
+    """Compiles the programs for batches of `windows`' shape (running the embedding once);
+    every later call takes batches of that shape (`perplexities` pads the last one)."""
+    embed = jax.jit(self._embed).lower(self.state, windows).compile()
+    h, args = embed(self.state, windows)
+    layer = {}
+    for graphdef, state in self.layers:  # one program per distinct layer structure
+      if graphdef not in layer:
+        layer[graphdef] = jax.jit(self._layer, static_argnums=0).lower(
+            graphdef, state, h, args, k).compile()
+    head = jax.jit(self._head).lower(self.state, h, windows).compile()
+    self._programs = (embed, layer, head)
 
   def __call__(self, windows: jax.Array, k) -> jax.Array:
     """windows (B, T) -> (B,) mean losses, as `window_losses(model, windows, k)`."""
-    h, args = self._program("embed", self._embed, self.state, windows)(self.state, windows)
+    if self._programs is None:
+      self.compile(windows, k)
+    embed, layer, head = self._programs
+    h, args = embed(self.state, windows)
     for graphdef, state in self.layers:
-      h = self._program("layer", self._layer, graphdef, state, h, args, k)(state, h, args, k)
-    return self._program("head", self._head, self.state, h, windows)(self.state, h, windows)
+      h = layer[graphdef](state, h, args, k)
+    return head(self.state, h, windows)
 
   def temp_bytes(self) -> int:
-    return max(c.memory_analysis().temp_size_in_bytes for c in self._compiled.values())
+    embed, layer, head = self._programs
+    return max(c.memory_analysis().temp_size_in_bytes for c in (embed, head, *layer.values()))
 
 
 @dataclasses.dataclass

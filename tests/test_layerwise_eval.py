@@ -29,16 +29,17 @@ def _config(family: str, attention: str, **kw):
 
 def _losses_both_ways(model, windows, k, monkeypatch):
   """(whole-program losses, layerwise losses, the k each layer trace saw)."""
+  traced = isinstance(k, jax.Array)
   graph, state = nnx.split(model)
   whole = jax.jit(lambda s, x, k: evaluate.window_losses(nnx.merge(graph, s), x, k),
-                  static_argnums=() if isinstance(k, jax.Array) else (2,))(state, windows, k)
+                  static_argnums=() if traced else (2,))(state, windows, k)
   traces = []
   run_layer = evaluate.run_layer
   monkeypatch.setattr(evaluate, "run_layer", lambda *a: traces.append(a[3]) or run_layer(*a))
   mesh = shd.make_mesh(None, jax.devices()[:1])
-  step = evaluate.LayerwiseLosses(model, mesh, None if isinstance(k, jax.Array) else k)
-  step.compile(windows, k if isinstance(k, jax.Array) else None)
-  layerwise = step(windows, k if isinstance(k, jax.Array) else None)
+  step = evaluate.LayerwiseLosses(model, mesh, None if traced else k)
+  step.compile(windows, k if traced else None)
+  layerwise = step(windows, k if traced else None)
   return np.asarray(whole), np.asarray(layerwise), traces
 
 
